@@ -1,0 +1,7 @@
+"""Loading weights from other libraries (diffusers, Stable Diffusion, CLIP) into our params.
+
+Loaders take NumPy arrays (e.g. from ``safetensors.numpy.load_file``); torch is never imported.
+"""
+from jaxdiff.interop.unet2d import unet_config_from_diffusers, unet_params_from_diffusers
+
+__all__ = ["unet_config_from_diffusers", "unet_params_from_diffusers"]

@@ -1,0 +1,307 @@
+"""diffusers ``UNet2DModel`` -> :class:`jaxdiff.nn.UNet` (config and weights).
+
+    from safetensors.numpy import load_file
+    kwargs = unet_config_from_diffusers(json.load(open("unet/config.json")))
+    params = unet_params_from_diffusers(load_file("unet/diffusion_pytorch_model.safetensors"),
+                                        config=json.load(open("unet/config.json")))
+    eps = UNet(**kwargs).apply({"params": params}, x_nhwc, t)
+
+Weights: conv OIHW -> HWIO, linear (out, in) -> (in, out), GroupNorm weight -> scale,
+embedding weight -> embedding. Both the current attention names (to_q/to_k/to_v/to_out.0) and
+the legacy ones (query/key/value/proj_attn, as stored in google/ddpm-* checkpoints) are accepted.
+No torch here: the state dict holds NumPy arrays (any float dtype; converted to float32).
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any, Optional
+
+import numpy as np
+
+_DOWN, _UP = "DownBlock2D", "UpBlock2D"
+_ATTN_DOWN, _ATTN_UP = "AttnDownBlock2D", "AttnUpBlock2D"
+
+# diffusers config keys we can represent only with one value: key -> accepted values.
+_FIXED = {
+    "center_input_sample": (False,),
+    "time_embedding_type": ("positional",),
+    "mid_block_type": ("UNetMidBlock2D",),
+    "downsample_type": ("conv",),
+    "upsample_type": ("conv",),
+    "act_fn": ("silu", "swish"),
+    "mid_block_scale_factor": (1, 1.0),
+    "resnet_time_scale_shift": ("default",),
+    "add_attention": (True,),
+    "class_embed_type": (None,),
+}
+
+
+def unet_config_from_diffusers(config: Mapping[str, Any]) -> dict:
+    """Map a diffusers ``UNet2DModel`` config dict to :class:`~jaxdiff.nn.UNet` keyword arguments.
+
+    Supported subset: down blocks DownBlock2D / AttnDownBlock2D mirrored by UpBlock2D /
+    AttnUpBlock2D (attention at the same levels on both paths), the UNetMidBlock2D with
+    attention, positional time embedding, SiLU, "default" time conditioning, conv
+    up/downsampling, and ``num_class_embeds`` class conditioning. Anything else raises
+    ValueError naming the setting.
+
+    ``num_class_embeds = N`` becomes ``num_classes = N - 1``: our table has num_classes + 1 rows,
+    the last being the null label used when ``y=None``.
+    ``attn_resolutions`` are derived from ``sample_size`` (attention is keyed on feature-map
+    height), so the converted model expects inputs of height ``sample_size``.
+    """
+    cfg = dict(config)
+    cls = cfg.get("_class_name", "UNet2DModel")
+    if cls != "UNet2DModel":
+        raise ValueError(f"unet_config_from_diffusers: expected a UNet2DModel config, got {cls}")
+    for key, ok in _FIXED.items():
+        if key in cfg and cfg[key] not in ok:
+            raise ValueError(f"unet_config_from_diffusers: unsupported {key}={cfg[key]!r} "
+                             f"(supported: {ok})")
+
+    boc = list(cfg.get("block_out_channels", (224, 448, 672, 896)))
+    down = [d[7:] if d.startswith("UNetRes") else d for d in
+            cfg.get("down_block_types", ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D",
+                                         "AttnDownBlock2D"))]
+    up = [u[7:] if u.startswith("UNetRes") else u for u in
+          cfg.get("up_block_types", ("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D",
+                                     "UpBlock2D"))]
+    if not (len(boc) == len(down) == len(up)):
+        raise ValueError("unet_config_from_diffusers: block_out_channels, down_block_types and "
+                         f"up_block_types differ in length ({len(boc)}, {len(down)}, {len(up)})")
+    for d in down:
+        if d not in (_DOWN, _ATTN_DOWN):
+            raise ValueError(f"unet_config_from_diffusers: unsupported down block type {d!r} "
+                             f"(supported: {_DOWN}, {_ATTN_DOWN})")
+    for u in up:
+        if u not in (_UP, _ATTN_UP):
+            raise ValueError(f"unet_config_from_diffusers: unsupported up block type {u!r} "
+                             f"(supported: {_UP}, {_ATTN_UP})")
+    n = len(boc)
+    for lvl in range(n):
+        if (down[lvl] == _ATTN_DOWN) != (up[n - 1 - lvl] == _ATTN_UP):
+            raise ValueError(
+                "unet_config_from_diffusers: attention must sit at the same resolution on both "
+                f"paths; level {lvl} has down block {down[lvl]} but up block {up[n - 1 - lvl]} "
+                f"(up_block_types[{n - 1 - lvl}])")
+
+    ch = boc[0]
+    if any(c % ch for c in boc):
+        raise ValueError(f"unet_config_from_diffusers: block_out_channels {boc} are not integer "
+                         f"multiples of the first ({ch})")
+    groups = cfg.get("norm_num_groups", 32)
+    if groups is None:
+        raise ValueError("unet_config_from_diffusers: norm_num_groups=None is not supported")
+    attn_groups = cfg.get("attn_norm_num_groups")
+    if attn_groups not in (None, groups):
+        raise ValueError(f"unet_config_from_diffusers: attn_norm_num_groups={attn_groups} "
+                         f"differs from norm_num_groups={groups}")
+    temb_dim = cfg.get("time_embedding_dim")
+    if temb_dim not in (None, 4 * ch):
+        raise ValueError(f"unet_config_from_diffusers: time_embedding_dim={temb_dim} "
+                         f"(only 4 * block_out_channels[0] = {4 * ch} is supported)")
+
+    attn_res = ()
+    if _ATTN_DOWN in down:
+        size = cfg.get("sample_size")
+        if size is None:
+            raise ValueError("unet_config_from_diffusers: sample_size is needed to place "
+                             "attention (attn_resolutions are feature-map heights)")
+        height = size if isinstance(size, int) else int(size[0])
+        attn_res = tuple(height // 2 ** lvl for lvl in range(n) if down[lvl] == _ATTN_DOWN)
+
+    num_class_embeds = cfg.get("num_class_embeds")
+    head_dim = cfg.get("attention_head_dim", 8)
+    return dict(
+        ch=ch,
+        ch_mult=tuple(c // ch for c in boc),
+        num_res_blocks=int(cfg.get("layers_per_block", 2)),
+        attn_resolutions=attn_res,
+        dropout=float(cfg.get("dropout", 0.0)),
+        num_classes=None if num_class_embeds is None else int(num_class_embeds) - 1,
+        out_channels=int(cfg.get("out_channels", 3)),
+        num_groups=int(groups),
+        num_heads=1,
+        head_dim=None if head_dim is None else int(head_dim),
+        norm_eps=float(cfg.get("norm_eps", 1e-5)),
+        flip_sin_to_cos=bool(cfg.get("flip_sin_to_cos", True)),
+        freq_shift=int(cfg.get("freq_shift", 0)),
+        downsample_padding=int(cfg.get("downsample_padding", 1)),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights.
+
+_LEGACY_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+_NORMS = {"norm1", "norm2", "group_norm", "norm_out"}
+_RES_LEAVES = {"norm1", "conv1", "time_emb_proj", "norm2", "conv2", "conv_shortcut"}
+_ATTN_LEAVES = {"group_norm", "to_q", "to_k", "to_v", "to_out"}
+
+
+def _module_path(module: str, num_levels: int) -> Optional[tuple]:
+    """diffusers module name (without .weight/.bias) -> our module path, or None if unknown."""
+    m = re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(\w+)(\.0)?", module)
+    if m:
+        side, i, kind, j, leaf, dot0 = m.groups()
+        lvl = int(i) if side == "down" else num_levels - 1 - int(i)
+        leaves = _RES_LEAVES if kind == "resnets" else _ATTN_LEAVES
+        if leaf not in leaves or bool(dot0) != (leaf == "to_out"):
+            return None
+        return (f"{side}_{lvl}_{'res' if kind == 'resnets' else 'attn'}_{j}", leaf)
+    m = re.fullmatch(r"(down|up)_blocks\.(\d+)\.(downsamplers|upsamplers)\.0\.conv", module)
+    if m:
+        side, i, kind = m.groups()
+        if (side == "down") != (kind == "downsamplers"):
+            return None
+        lvl = int(i) if side == "down" else num_levels - 1 - int(i)
+        return (f"{side}_{lvl}_{'downsample' if side == 'down' else 'upsample'}", "conv")
+    m = re.fullmatch(r"mid_block\.resnets\.(\d+)\.(\w+)", module)
+    if m and m.group(2) in _RES_LEAVES:
+        return (f"mid_res_{m.group(1)}", m.group(2))
+    m = re.fullmatch(r"mid_block\.attentions\.0\.(\w+)(\.0)?", module)
+    if m and m.group(1) in _ATTN_LEAVES and bool(m.group(2)) == (m.group(1) == "to_out"):
+        return ("mid_attn", m.group(1))
+    simple = {"conv_in": ("conv_in",), "conv_out": ("conv_out",), "conv_norm_out": ("norm_out",),
+              "time_embedding.linear_1": ("time_embedding", "linear_1"),
+              "time_embedding.linear_2": ("time_embedding", "linear_2"),
+              "class_embedding": ("class_embedding",)}
+    return simple.get(module)
+
+
+def _diffusers_name(path: tuple, num_levels: int) -> str:
+    """Inverse of the mapping above, for error messages: our param path -> diffusers key."""
+    *mods, leaf = path
+    top = mods[0]
+    rest = list(mods[1:])
+    if rest == ["to_out"]:
+        rest = ["to_out.0"]
+    m = re.fullmatch(r"(down|up)_(\d+)_(res|attn|downsample|upsample)(?:_(\d+))?", top)
+    if m:
+        side, lvl, kind, j = m.groups()
+        i = int(lvl) if side == "down" else num_levels - 1 - int(lvl)
+        sub = {"res": f"resnets.{j}", "attn": f"attentions.{j}",
+               "downsample": "downsamplers.0", "upsample": "upsamplers.0"}[kind]
+        prefix = f"{side}_blocks.{i}.{sub}"
+    elif top.startswith("mid_res_"):
+        prefix = f"mid_block.resnets.{top[8:]}"
+    elif top == "mid_attn":
+        prefix = "mid_block.attentions.0"
+    else:
+        prefix = {"norm_out": "conv_norm_out"}.get(top, top)
+    tname = {"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(leaf, leaf)
+    return ".".join([prefix, *rest, tname])
+
+
+def _convert_leaf(module_path: tuple, tname: str, w: np.ndarray, key: str):
+    w = np.asarray(w, dtype=np.float32)
+    mod = module_path[-1]
+    if tname == "bias":
+        return "bias", w
+    if tname != "weight":
+        raise ValueError(f"unet_params_from_diffusers: unexpected tensor {key!r}")
+    if mod in _NORMS:
+        return "scale", w
+    if mod == "class_embedding":
+        return "embedding", w
+    if mod in ("to_q", "to_k", "to_v", "to_out") and w.ndim == 4:  # legacy 1x1-conv attention
+        w = w.reshape(w.shape[:2])
+    if w.ndim == 4:
+        return "kernel", np.transpose(w, (2, 3, 1, 0))  # OIHW -> HWIO
+    if w.ndim == 2:
+        return "kernel", np.ascontiguousarray(w.T)  # (out, in) -> (in, out)
+    raise ValueError(f"unet_params_from_diffusers: tensor {key!r} has unexpected rank {w.ndim}")
+
+
+def _expected_shapes(config: Mapping[str, Any]) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from jaxdiff.nn.unet import UNet  # a lower room; imported lazily to keep interop light
+
+    kwargs = unet_config_from_diffusers(config)
+    size = config.get("sample_size")
+    if size is None:
+        size = 2 ** (len(kwargs["ch_mult"]) - 1)
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    b = 1
+    x = jax.ShapeDtypeStruct((b, *hw, int(config.get("in_channels", 3))), jnp.float32)
+    t = jax.ShapeDtypeStruct((b,), jnp.float32)
+    y = None if kwargs["num_classes"] is None else jax.ShapeDtypeStruct((b,), jnp.int32)
+    tree = jax.eval_shape(UNet(**kwargs).init, jax.random.key(0), x, t, y)["params"]
+    return {path: tuple(leaf.shape) for path, leaf in _flatten(tree).items()}
+
+
+def _flatten(tree, prefix=()):
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+def unet_params_from_diffusers(state_dict: Mapping[str, np.ndarray],
+                               config: Optional[Mapping[str, Any]] = None) -> dict:
+    """Convert a diffusers ``UNet2DModel`` state dict (NumPy arrays) to UNet params.
+
+    Returns the ``params`` collection as a nested dict of float32 NumPy arrays: use it as
+    ``UNet(**kwargs).apply({"params": params}, ...)``.
+
+    Every key must map to a parameter; unknown keys raise ValueError listing all of them. With
+    ``config`` (the diffusers config dict) the result is also checked, by name and shape,
+    against ``UNet(**unet_config_from_diffusers(config))`` (abstractly, via jax.eval_shape), and
+    missing or mis-shaped parameters raise ValueError naming the diffusers keys. Without
+    ``config`` only per-key checks run, so an absent block would go unnoticed until ``apply``.
+    """
+    keys = list(state_dict)
+    levels = {int(m.group(1)) for k in keys for m in [re.match(r"down_blocks\.(\d+)\.", k)] if m}
+    num_levels = max(levels) + 1 if levels else 0
+    if config is not None:
+        num_levels = len(config.get("block_out_channels", (224, 448, 672, 896)))
+
+    params: dict = {}
+    unexpected = []
+    converted: dict = {}
+    for key in keys:
+        module, _, tname = key.rpartition(".")
+        parts = module.split(".")
+        if len(parts) >= 2 and parts[-1] in _LEGACY_ATTN and parts[-2].isdigit():
+            module = ".".join(parts[:-1] + [_LEGACY_ATTN[parts[-1]]])
+        path = _module_path(module, num_levels)
+        if path is None or tname not in ("weight", "bias"):
+            unexpected.append(key)
+            continue
+        leaf, w = _convert_leaf(path, tname, state_dict[key], key)
+        full = path + (leaf,)
+        if full in converted:
+            raise ValueError(f"unet_params_from_diffusers: {key!r} and {converted[full]!r} both "
+                             "map to the same parameter (legacy and current attention names?)")
+        converted[full] = key
+        node = params
+        for p in path:
+            node = node.setdefault(p, {})
+        node[leaf] = w
+    if unexpected:
+        raise ValueError("unet_params_from_diffusers: unexpected keys (not part of a supported "
+                         f"UNet2DModel): {sorted(unexpected)}")
+
+    if config is not None:
+        want = _expected_shapes(config)
+        got = {path: tuple(w.shape) for path, w in _flatten(params).items()}
+        missing = sorted(_diffusers_name(p, num_levels) for p in want if p not in got)
+        extra = sorted(converted[p] for p in got if p not in want)
+        shape = sorted(f"{converted[p]}: converted {got[p]}, expected {want[p]}"
+                       for p in got if p in want and got[p] != want[p])
+        if missing or extra or shape:
+            msg = ["unet_params_from_diffusers: state dict does not match the config:"]
+            if missing:
+                msg.append(f"missing keys: {missing}")
+            if extra:
+                msg.append(f"unexpected keys: {extra}")
+            if shape:
+                msg.append(f"shape mismatches: {shape}")
+            raise ValueError("\n".join(msg))
+    return params
