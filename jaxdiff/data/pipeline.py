@@ -1,0 +1,289 @@
+"""Host input pipeline over TFDS ``array_record`` datasets, read with random access (no TensorFlow).
+
+    >>> ds = ImageDataset("digits", "train", batch_size=128, image_size=16, seed=0)
+    >>> b = ds.batch(0)        # {'image': float32 [128, 16, 16, 1] in [-1, 1], 'label': int32 [128]}
+    >>> for b in ds.iterate(start_step=saved_step): ...   # resumes exactly where a run stopped
+
+Order is a pure function of ``(seed, step)``: global example ``i = step * B + j`` belongs to epoch
+``i // N`` and is example ``perm[i % N]`` where ``perm = Generator(PCG64([seed, epoch])).permutation(N)``.
+So every example appears once per epoch, batches may straddle epochs, and resuming needs only the
+step. Random horizontal flips come from ``Generator(PCG64([seed, step, 1]))``.
+
+Resizing: images that are not square are centre-cropped to a square, then resized once per example
+with PIL **bicubic** (PIL antialiases when it shrinks; values are rounded and clipped to uint8).
+
+Data dir: argument, else ``$JAXDIFF_DATA_DIR``, else TFDS's default (``$TFDS_DATA_DIR`` or
+``~/tensorflow_datasets``). ``digits`` is built there on first use; any other dataset must already be
+prepared there in ``array_record`` format (nothing is ever downloaded).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import queue
+import threading
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from jaxdiff.data import digits as digits_lib
+
+# Datasets whose resized images take fewer bytes than this are cached in memory as they are read.
+CACHE_LIMIT_BYTES = 512 * 2**20
+
+
+class DatasetNotPreparedError(FileNotFoundError):
+    """The dataset is not prepared (in array_record format) in the data dir searched."""
+
+
+def default_data_dir(data_dir: Optional[str] = None) -> str:
+    """``data_dir`` if given, else ``$JAXDIFF_DATA_DIR``, else TFDS's default data dir."""
+    if data_dir:
+        return os.path.expanduser(os.fspath(data_dir))
+    if os.environ.get("JAXDIFF_DATA_DIR"):
+        return os.path.expanduser(os.environ["JAXDIFF_DATA_DIR"])
+    from tensorflow_datasets.core import constants
+
+    return os.path.expanduser(constants.DATA_DIR)  # $TFDS_DATA_DIR or ~/tensorflow_datasets
+
+
+def _not_prepared(name: str, data_dir: str, why: str) -> DatasetNotPreparedError:
+    base = name.split(":")[0].split("/")[0]
+    return DatasetNotPreparedError(
+        f"Dataset {name!r} is not prepared in data dir {data_dir!r} ({why}).\n"
+        "jaxdiff reads TFDS datasets in array_record format with tfds.data_source (no TensorFlow) "
+        "and never downloads at run time. Prepare it once, on a machine with TensorFlow and "
+        "internet access:\n"
+        f"    tfds build {name} --file_format=array_record --data_dir={data_dir}\n"
+        "or in Python:\n"
+        f"    tfds.builder({name!r}, data_dir={data_dir!r}, "
+        "file_format='array_record').download_and_prepare()\n"
+        f"then copy {os.path.join(data_dir, base)} into this machine's data dir "
+        "(pass data_dir=..., or set JAXDIFF_DATA_DIR).")
+
+
+def get_builder(name: str, data_dir: Optional[str] = None) -> tfds.core.DatasetBuilder:
+    """The prepared TFDS builder for ``name`` in the data dir (``digits`` is built on first use).
+
+    Raises:
+      DatasetNotPreparedError: the dataset is unknown, not prepared there, or not in array_record.
+    """
+    data_dir = default_data_dir(data_dir)
+    if name.split(":")[0] == digits_lib.NAME:
+        return digits_lib.digits_builder(data_dir)
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise _not_prepared(name, data_dir, "TFDS knows no such dataset and none is stored there") from None
+    if not builder.is_prepared():
+        raise _not_prepared(name, data_dir, f"nothing at {builder.data_dir}")
+    formats = {f.value for f in builder.info.available_file_formats()}
+    if "array_record" not in formats:
+        raise _not_prepared(name, data_dir, f"it is stored as {sorted(formats)}, not array_record")
+    return builder
+
+
+def _check_split(builder: tfds.core.DatasetBuilder, split: str) -> None:
+    available = list(builder.info.splits.keys())
+    base = split.split("[")[0]
+    if base not in available:
+        raise ValueError(f"Unknown split {split!r} for dataset {builder.name!r}; available: {available}.")
+
+
+def load_source(name: str, split: str, data_dir: Optional[str] = None) -> Sequence[dict]:
+    """A random-access ``tfds`` data source (``len``, ``src[i]``, ``src.__getitems__([...])``) of decoded examples.
+
+    ``split`` accepts TFDS slicing (``'train[:90%]'``).
+    """
+    builder = get_builder(name, data_dir)
+    _check_split(builder, split)
+    return builder.as_data_source(split)
+
+
+def resize_image(image: np.ndarray, size: Optional[int]) -> np.ndarray:
+    """``image: [H, W, C] uint8`` -> ``[size, size, C] uint8``: centre-crop to square, PIL bicubic resize."""
+    if image.ndim == 2:
+        image = image[..., None]
+    if size is None:
+        return image
+    h, w = image.shape[:2]
+    if h != w:
+        s = min(h, w)
+        top, left = (h - s) // 2, (w - s) // 2
+        image = image[top:top + s, left:left + s]
+    if image.shape[0] == size:
+        return image
+    # Per-channel "L" images: identical to PIL's multi-band resize, and works for any C.
+    return np.stack([np.asarray(Image.fromarray(image[..., c]).resize((size, size), Image.BICUBIC))
+                     for c in range(image.shape[-1])], axis=-1)
+
+
+class ImageDataset:
+    """Deterministic, resumable batches of images (and labels) from a TFDS array_record dataset.
+
+    Attributes:
+      num_examples: N, examples in the split.
+      num_classes: classes of the ``label`` feature; None if there is none or ``drop_labels``.
+      image_shape: ``(H, W, C)`` of the images in a batch (after resizing).
+    """
+
+    def __init__(self, name: str = "digits", split: str = "train", *, batch_size: int,
+                 image_size: Optional[int] = None, seed: int = 0, data_dir: Optional[str] = None,
+                 random_flip: bool = False, drop_labels: bool = False,
+                 cache_in_memory: Optional[bool] = None):
+        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
+        if image_size is not None and (not isinstance(image_size, (int, np.integer)) or image_size < 1):
+            raise ValueError(f"image_size must be a positive int or None, got {image_size!r}.")
+        if not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}.")
+        self.name, self.split = name, split
+        self.batch_size, self.image_size, self.seed = int(batch_size), image_size, int(seed)
+        self.random_flip = random_flip
+        self.data_dir = default_data_dir(data_dir)
+        builder = get_builder(name, self.data_dir)
+        _check_split(builder, split)
+        features = builder.info.features
+        if "image" not in features:
+            raise ValueError(f"Dataset {name!r} has no 'image' feature (has {list(features)}).")
+        self._source = builder.as_data_source(split)
+        self.num_examples = len(self._source)
+        if self.num_examples == 0:
+            raise ValueError(f"Split {split!r} of {name!r} is empty.")
+        label = features["label"] if "label" in features else None
+        self._has_label = label is not None and not drop_labels
+        self.num_classes = getattr(label, "num_classes", None) if self._has_label else None
+
+        shape = features["image"].shape
+        if image_size is not None:
+            self.image_shape = (int(image_size), int(image_size), shape[-1] or 1)
+        elif None in shape:  # variable-size images: learn the shape from the first one
+            self.image_shape = self._read([0])[0].shape[1:]
+        else:
+            self.image_shape = tuple(shape)
+        nbytes = self.num_examples * int(np.prod(self.image_shape))
+        self.cache_in_memory = nbytes < CACHE_LIMIT_BYTES if cache_in_memory is None else cache_in_memory
+        if self.cache_in_memory:  # filled lazily, example by example, as batches read them
+            self._images = np.empty((self.num_examples, *self.image_shape), np.uint8)
+            self._labels = np.zeros((self.num_examples,), np.int32)
+            self._cached = np.zeros((self.num_examples,), bool)
+        self._perm = functools.lru_cache(maxsize=4)(self._permutation)
+
+    def __repr__(self) -> str:
+        return (f"ImageDataset({self.name!r}, {self.split!r}, batch_size={self.batch_size}, "
+                f"image_shape={self.image_shape}, num_examples={self.num_examples}, seed={self.seed})")
+
+    # -- reading -------------------------------------------------------------------------------
+    def _read(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Reads and resizes examples ``indices`` from the source: (uint8 [n,H,W,C], int32 [n])."""
+        examples = self._source.__getitems__([int(i) for i in indices])
+        images = [resize_image(np.asarray(ex["image"]), self.image_size) for ex in examples]
+        try:
+            images = np.stack(images).astype(np.uint8, copy=False)
+        except ValueError:
+            raise ValueError(f"Images of {self.name!r} have different shapes; pass image_size=.") from None
+        labels = np.asarray([ex["label"] if self._has_label else -1 for ex in examples], np.int32)
+        return images, labels
+
+    def examples(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Examples by index in the split: ``(uint8 [n, H, W, C], int32 [n] labels, -1 if none)``."""
+        indices = np.asarray(indices, np.int64)
+        if not self.cache_in_memory:
+            return self._read(indices)
+        missing = np.unique(indices[~self._cached[indices]])
+        if missing.size:
+            images, labels = self._read(missing)
+            self._images[missing], self._labels[missing] = images, labels
+            self._cached[missing] = True
+        return self._images[indices], self._labels[indices]
+
+    # -- order ---------------------------------------------------------------------------------
+    def _permutation(self, epoch: int) -> np.ndarray:
+        rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
+        return rng.permutation(self.num_examples)
+
+    def indices(self, step: int) -> np.ndarray:
+        """Split indices of the examples in batch ``step``: int64 [B]."""
+        i = step * self.batch_size + np.arange(self.batch_size)
+        epoch, pos = i // self.num_examples, i % self.num_examples
+        out = np.empty_like(i)
+        for e in np.unique(epoch):
+            out[epoch == e] = self._perm(int(e))[pos[epoch == e]]
+        return out
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        """Batch ``step``: ``{'image': float32 [B, H, W, C] in [-1, 1], 'label': int32 [B]}``; pure in (seed, step)."""
+        if not isinstance(step, (int, np.integer)) or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}.")
+        images, labels = self.examples(self.indices(int(step)))
+        if self.random_flip:
+            flip = np.random.Generator(np.random.PCG64([self.seed, int(step), 1])).random(self.batch_size) < 0.5
+            images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
+        out = {"image": images.astype(np.float32) / 127.5 - 1.0}
+        if self._has_label:
+            out["label"] = labels
+        return out
+
+    def iterate(self, start_step: int = 0, prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
+        """Endless batches ``batch(start_step), batch(start_step + 1), ...``, ``prefetch`` ahead on a thread."""
+        if not isinstance(start_step, (int, np.integer)) or start_step < 0:
+            raise ValueError(f"start_step must be a non-negative int, got {start_step!r}.")
+        if prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0, got {prefetch!r}.")
+        return self._iterate(int(start_step), int(prefetch))
+
+    def _iterate(self, step: int, prefetch: int) -> Iterator[dict[str, np.ndarray]]:
+        if prefetch == 0:
+            while True:
+                yield self.batch(step)
+                step += 1
+        q: queue.Queue = queue.Queue(maxsize=prefetch)
+        stop = threading.Event()
+
+        def put(item) -> None:
+            while not stop.is_set():
+                try:
+                    return q.put(item, timeout=0.1)
+                except queue.Full:
+                    pass
+
+        def worker(step: int) -> None:
+            try:
+                while not stop.is_set():
+                    put((self.batch(step), None))
+                    step += 1
+            except BaseException as e:  # handed to the consumer, raised there
+                put((None, e))
+
+        thread = threading.Thread(target=worker, args=(step,), daemon=True, name="jaxdiff-prefetch")
+        thread.start()
+        try:
+            while True:
+                batch, error = q.get()
+                if error is not None:
+                    raise error
+                yield batch
+        finally:
+            stop.set()
+            thread.join(timeout=5.0)
+
+
+@functools.lru_cache(maxsize=16)
+def _real_images(name: str, split: str, image_size: Optional[int], data_dir: str):
+    ds = ImageDataset(name, split, batch_size=1, image_size=image_size, data_dir=data_dir,
+                      cache_in_memory=False)
+    images, labels = ds.examples(np.arange(ds.num_examples))
+    images.setflags(write=False)
+    labels.setflags(write=False)
+    return images, (labels if ds.num_classes is not None else None)
+
+
+def real_images(name: str, split: str, image_size: Optional[int],
+                data_dir: Optional[str] = None) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """A whole split in source order: ``(uint8 [N, H, W, C], int32 labels [N] or None)``, read-only, memoised."""
+    if image_size is not None and (not isinstance(image_size, (int, np.integer)) or image_size < 1):
+        raise ValueError(f"image_size must be a positive int or None, got {image_size!r}.")
+    return _real_images(name, split, None if image_size is None else int(image_size),
+                        os.path.abspath(default_data_dir(data_dir)))
