@@ -1,0 +1,266 @@
+"""diffusers ``AutoencoderKL`` -> :class:`jaxdiff.nn.vae.AutoencoderKL` (config and weights).
+
+    vae, params = load_diffusers_vae("stable-diffusion-v1-5", subfolder="vae")
+    post = vae.apply({"params": params}, x_nhwc, method=AutoencoderKL.encode)
+
+or, from arrays already in memory:
+
+    kwargs = vae_config_from_diffusers(config)                  # AutoencoderKL keyword args
+    params = vae_params_from_diffusers(state_dict, config)      # nested dict of float32 NumPy
+
+Weights: conv OIHW -> HWIO, linear (out, in) -> (in, out), GroupNorm weight -> scale; diffusers'
+``a.N.b`` becomes ``a_N/b`` and ``to_out.0`` becomes ``to_out``. Legacy attention names
+(query/key/value/proj_attn) are accepted. Every diffusers tensor must be consumed by exactly one
+parameter and every parameter must be filled, else ValueError names the diffusers keys.
+No torch here.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from typing import Any, Optional
+
+import numpy as np
+
+from jaxdiff.interop.safetensors_io import read_diffusers_folder
+
+_KNOWN = {"in_channels", "out_channels", "down_block_types", "up_block_types",
+          "block_out_channels", "layers_per_block", "act_fn", "latent_channels",
+          "norm_num_groups", "sample_size", "scaling_factor", "shift_factor", "latents_mean",
+          "latents_std", "force_upcast", "use_quant_conv", "use_post_quant_conv",
+          "mid_block_add_attention"}
+_NORMS = {"norm1", "norm2", "group_norm", "conv_norm_out"}
+_LEGACY_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out"}
+_INDEXED = ("down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers")
+
+
+def vae_config_from_diffusers(config: Mapping[str, Any]) -> dict:
+    """Map a diffusers ``AutoencoderKL`` config dict to :class:`AutoencoderKL` keyword arguments.
+
+    Supported: DownEncoderBlock2D / UpDecoderBlock2D blocks, SiLU, any block_out_channels /
+    layers_per_block / latent_channels / norm_num_groups / in/out channels, with or without
+    quant_conv / post_quant_conv / mid-block attention. ``scaling_factor`` and ``shift_factor``
+    are carried over (pipelines apply them). ``sample_size`` and ``force_upcast`` (tiling and
+    torch fp16 settings) are ignored. Anything else (other block types or activations,
+    ``latents_mean``/``latents_std`` normalisation, unknown keys) raises ValueError naming it.
+    """
+    cfg = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    cls = config.get("_class_name", "AutoencoderKL")
+    if cls != "AutoencoderKL":
+        raise ValueError(f"vae_config_from_diffusers: expected an AutoencoderKL config, got {cls}")
+    unknown = sorted(set(cfg) - _KNOWN)
+    if unknown:
+        raise ValueError(f"vae_config_from_diffusers: unsupported config keys {unknown}")
+
+    def err(msg):
+        return ValueError(f"vae_config_from_diffusers: {msg}")
+
+    boc = tuple(int(c) for c in cfg.get("block_out_channels", (64,)))
+    if not boc:
+        raise err("block_out_channels is empty")
+    down = list(cfg.get("down_block_types", ("DownEncoderBlock2D",)))
+    up = list(cfg.get("up_block_types", ("UpDecoderBlock2D",)))
+    if not (len(down) == len(up) == len(boc)):
+        raise err(f"block_out_channels, down_block_types and up_block_types differ in length "
+                  f"({len(boc)}, {len(down)}, {len(up)})")
+    bad = sorted({d for d in down if d != "DownEncoderBlock2D"}
+                 | {u for u in up if u != "UpDecoderBlock2D"})
+    if bad:
+        raise err(f"unsupported block types {bad} (supported: DownEncoderBlock2D, "
+                  "UpDecoderBlock2D)")
+    act = cfg.get("act_fn", "silu")
+    if act not in ("silu", "swish"):
+        raise err(f"unsupported act_fn={act!r} (supported: 'silu')")
+    for key in ("latents_mean", "latents_std"):
+        if cfg.get(key) is not None:
+            raise err(f"{key} (per-channel latent normalisation) is not supported")
+    groups = cfg.get("norm_num_groups", 32)
+    if groups is None:
+        raise err("norm_num_groups=None is not supported")
+    shift = cfg.get("shift_factor")
+    return dict(
+        in_channels=int(cfg.get("in_channels", 3)),
+        out_channels=int(cfg.get("out_channels", 3)),
+        block_out_channels=boc,
+        layers_per_block=int(cfg.get("layers_per_block", 1)),
+        latent_channels=int(cfg.get("latent_channels", 4)),
+        norm_num_groups=int(groups),
+        use_quant_conv=bool(cfg.get("use_quant_conv", True)),
+        use_post_quant_conv=bool(cfg.get("use_post_quant_conv", True)),
+        mid_block_add_attention=bool(cfg.get("mid_block_add_attention", True)),
+        scaling_factor=float(cfg.get("scaling_factor", 0.18215)),
+        shift_factor=None if shift is None else float(shift),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights.
+
+def _our_path(key: str) -> Optional[tuple]:
+    """diffusers key -> our parameter path (module names..., leaf name), or None."""
+    *mods, tname = key.split(".")
+    if tname not in ("weight", "bias") or not mods:
+        return None
+    out: list = []
+    for i, part in enumerate(mods):
+        if part.isdigit():
+            if not out:
+                return None
+            if out[-1] == "to_out" and part == "0":
+                continue
+            if out[-1] not in _INDEXED:
+                return None
+            out[-1] = f"{out[-1]}_{part}"
+        elif part in _LEGACY_ATTN and i >= 2 and mods[i - 2] == "attentions":
+            out.append(_LEGACY_ATTN[part])  # attentions.N.query -> attentions_N/to_q
+        else:
+            out.append(part)
+    leaf = "bias" if tname == "bias" else ("scale" if out[-1] in _NORMS else "kernel")
+    return tuple(out) + (leaf,)
+
+
+def _diffusers_key(path: tuple) -> str:
+    """Inverse of :func:`_our_path`, for error messages."""
+    *mods, leaf = path
+    parts = []
+    for m in mods:
+        hit = re.fullmatch(r"(%s)_(\d+)" % "|".join(_INDEXED), m)
+        parts.append(f"{hit.group(1)}.{hit.group(2)}" if hit else
+                     ("to_out.0" if m == "to_out" else m))
+    return ".".join(parts + ["bias" if leaf == "bias" else "weight"])
+
+
+def _infer_config(state_dict: Mapping[str, np.ndarray]) -> dict:
+    """Shape-equivalent diffusers config read off the tensors (norm_num_groups is not in them)."""
+    try:
+        levels = sorted({int(m.group(1)) for k in state_dict
+                         for m in [re.match(r"encoder\.down_blocks\.(\d+)\.", k)] if m})
+        boc = [int(state_dict[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0])
+               for i in levels]
+        layers = len({m.group(1) for k in state_dict
+                      for m in [re.match(r"encoder\.down_blocks\.0\.resnets\.(\d+)\.", k)] if m})
+        cfg = dict(block_out_channels=boc, layers_per_block=layers,
+                   down_block_types=["DownEncoderBlock2D"] * len(boc),
+                   up_block_types=["UpDecoderBlock2D"] * len(boc),
+                   in_channels=int(state_dict["encoder.conv_in.weight"].shape[1]),
+                   out_channels=int(state_dict["decoder.conv_out.weight"].shape[0]),
+                   latent_channels=int(state_dict["decoder.conv_in.weight"].shape[1]),
+                   use_quant_conv="quant_conv.weight" in state_dict,
+                   use_post_quant_conv="post_quant_conv.weight" in state_dict,
+                   mid_block_add_attention=any(k.startswith("encoder.mid_block.attentions.")
+                                               for k in state_dict))
+    except (KeyError, IndexError) as e:
+        raise ValueError(f"vae_params_from_diffusers: cannot infer the architecture from the "
+                         f"state dict (missing {e}); pass config=") from None
+    if not boc:
+        raise ValueError("vae_params_from_diffusers: no encoder.down_blocks.* tensors: not an "
+                         "AutoencoderKL state dict")
+    cfg["norm_num_groups"] = math.gcd(*boc)  # any divisor gives the same shapes
+    return cfg
+
+
+def _flatten(tree, prefix=()):
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+def _expected_shapes(kwargs: dict) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from jaxdiff.nn.vae import AutoencoderKL  # a lower room; imported lazily
+
+    model = AutoencoderKL(**kwargs)
+    f = 2 ** (len(kwargs["block_out_channels"]) - 1)
+    x = jax.ShapeDtypeStruct((1, f, f, kwargs["in_channels"]), jnp.float32)
+    tree = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+    return {p: tuple(v.shape) for p, v in _flatten(tree).items()}
+
+
+def _convert(w: np.ndarray, leaf: str, want: tuple) -> np.ndarray:
+    w = np.asarray(w, dtype=np.float32)
+    if leaf != "kernel":
+        return w
+    if w.ndim == 4 and len(want) == 2 and w.shape[2:] == (1, 1):  # 1x1-conv attention weights
+        w = w[:, :, 0, 0]
+    if w.ndim == 4:
+        return np.ascontiguousarray(np.transpose(w, (2, 3, 1, 0)))  # OIHW -> HWIO
+    if w.ndim == 2:
+        return np.ascontiguousarray(w.T)  # (out, in) -> (in, out)
+    return w
+
+
+def vae_params_from_diffusers(state_dict: Mapping[str, np.ndarray],
+                              config: Optional[Mapping[str, Any]] = None) -> dict:
+    """Convert a diffusers ``AutoencoderKL`` state dict (NumPy arrays, any float dtype) to params.
+
+    Returns the ``params`` collection as a nested dict of float32 NumPy arrays for
+    ``AutoencoderKL(**vae_config_from_diffusers(config))``. The result is checked by name and
+    shape against that module (abstractly, via jax.eval_shape); without ``config`` the
+    architecture is inferred from the tensor shapes. Unexpected, missing, doubly-mapped or
+    mis-shaped tensors raise ValueError listing the diffusers keys.
+    """
+    cfg = _infer_config(state_dict) if config is None else config
+    kwargs = vae_config_from_diffusers(cfg)
+    want = _expected_shapes(kwargs)
+
+    params: dict = {}
+    source: dict = {}
+    unexpected, dup, shape = [], [], []
+    for key in state_dict:
+        path = _our_path(key)
+        if path is None or path not in want:
+            unexpected.append(key)
+            continue
+        if path in source:
+            dup.append(f"{source[path]!r} and {key!r}")
+            continue
+        source[path] = key
+        w = _convert(state_dict[key], path[-1], want[path])
+        if tuple(w.shape) != want[path]:
+            shape.append(f"{key}: {tuple(np.shape(state_dict[key]))} converts to "
+                         f"{tuple(w.shape)}, expected {want[path]}")
+            continue
+        node = params
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = w
+    missing = sorted(_diffusers_key(p) for p in want if p not in source)
+    if unexpected or missing or dup or shape:
+        msg = ["vae_params_from_diffusers: state dict does not match the AutoencoderKL config:"]
+        if missing:
+            msg.append(f"missing keys: {missing}")
+        if unexpected:
+            msg.append(f"unexpected keys: {sorted(unexpected)}")
+        if dup:
+            msg.append(f"keys mapping to the same parameter (legacy and current names?): {dup}")
+        if shape:
+            msg.append(f"shape mismatches: {shape}")
+        raise ValueError("\n".join(msg))
+    return params
+
+
+def load_diffusers_vae(folder: str, *, subfolder: Optional[str] = None,
+                       variant: Optional[str] = None, dtype: Any = None,
+                       remat: bool = False):
+    """Load a diffusers ``AutoencoderKL`` folder (config.json + safetensors) -> (module, params).
+
+    ``folder`` is a VAE folder, or a pipeline folder with ``subfolder="vae"``. ``dtype`` is the
+    compute dtype (float32 by default, or jnp.bfloat16); params are always float32 NumPy arrays.
+    Only safetensors is read: ``.bin`` (pickle) weights are refused with a conversion hint.
+    """
+    import jax.numpy as jnp
+
+    from jaxdiff.nn.vae import AutoencoderKL
+
+    config, state_dict = read_diffusers_folder(folder, subfolder=subfolder, variant=variant)
+    kwargs = vae_config_from_diffusers(config)
+    params = vae_params_from_diffusers(state_dict, config)
+    module = AutoencoderKL(**kwargs, dtype=jnp.float32 if dtype is None else dtype, remat=remat)
+    return module, params
