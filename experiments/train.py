@@ -1,0 +1,48 @@
+"""Train a diffusion model: ``python -m experiments.train [--config=FILE] [--workdir=DIR] [--config.KEY=VALUE ...]``.
+
+With no flags it trains the embedded class-conditional digits model into ``runs/ddpm_digits/``.
+Re-running the same command resumes from the latest checkpoint in the workdir.
+"""
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(CONFIG_DIR, "ddpm_digits.py"), "Experiment config file.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, samples). "
+                               "Default: runs/<config file name>.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines off the console
+    import jax
+
+    # Persistent XLA cache: re-running (resuming) the same config skips recompilation.
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/jaxdiff/xla"))
+    from jaxdiff.train.checkpoint import CheckpointError
+    from jaxdiff.train.loop import TrainingDivergedError, train
+    from jaxdiff.data import DatasetNotPreparedError
+
+    config_file = config_flags.get_config_filename(flags.FLAGS["config"])
+    name = os.path.splitext(os.path.basename(config_file.split(":")[0]))[0]
+    workdir = _WORKDIR.value or os.path.join("runs", name)
+    try:
+        summary = train(_CONFIG.value, workdir)
+    except (TrainingDivergedError, CheckpointError, DatasetNotPreparedError, PermissionError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"Done: step {summary['step']}, loss {summary['loss']:.4f}, "
+          f"{summary['steps_per_sec']:.2f} steps/s, checkpoint step {summary['checkpoint_step']} in "
+          f"{os.path.abspath(workdir)}/checkpoints" + (f", samples {summary['samples']}" if summary["samples"] else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)
