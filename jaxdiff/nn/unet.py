@@ -43,7 +43,7 @@ class UNet(nn.Module):
 
     Conditioning: with ``num_classes`` set, the label table has ``num_classes + 1`` rows and
     label ``num_classes`` is the null label; ``y=None`` means "null label for every example".
-    Labels outside [0, num_classes] give NaN outputs (jnp.take fills out-of-range rows).
+    Labels outside [0, num_classes] get a zero class embedding (one-hot of an out-of-range index).
     ``y`` given to an unconditional model raises.
 
     Attention placement is keyed on the feature-map height, as in DDPM: ``attn_resolutions=(16,)``
@@ -125,8 +125,11 @@ class UNet(nn.Module):
         if self.num_classes is not None:
             if y is None:
                 y = jnp.full((b,), self.num_classes, jnp.int32)
-            emb = emb + nn.Embed(self.num_classes + 1, temb_dim, param_dtype=jnp.float32,
-                                 name="class_embedding")(y)
+            table = nn.Embed(self.num_classes + 1, temb_dim, param_dtype=jnp.float32,
+                             name="class_embedding").embedding
+            # A one-hot matmul, not a gather: its gradient is a dot instead of a scatter-add, whose
+            # accumulation order XLA:CPU does not fix (bit-exact resume across processes needs this).
+            emb = emb + jax.nn.one_hot(y, self.num_classes + 1, dtype=jnp.float32) @ table
 
         # Down.
         h = nn.Conv(self.ch, (3, 3), padding="SAME", dtype=dt, param_dtype=jnp.float32,
