@@ -162,7 +162,7 @@ class UNet(nn.Module):
                 h = Upsample(dtype=dt, name=f"up_{l}_upsample")(h)
         assert not hs
 
-        h = nn.silu(group_norm(h, self.num_groups, self.norm_eps, "norm_out")).astype(dt)
+        h = group_norm(h, self.num_groups, self.norm_eps, "norm_out", silu=True).astype(dt)
         out_ch = self.out_channels or c_in
         out = nn.Conv(out_ch, (3, 3), padding="SAME", dtype=dt, param_dtype=jnp.float32,
                       name="conv_out")(h).astype(jnp.float32)

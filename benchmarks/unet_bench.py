@@ -1,0 +1,830 @@
+"""U-Net training-step and sampling-step throughput: jaxdiff vs diffusers' UNet2DModel (PyTorch).
+
+    python -m benchmarks.unet_bench --small                      # 2-core CPU: 1.1M params, batch 4
+    python -m benchmarks.unet_bench                              # GPU: DDPM CIFAR-10, batch 128
+    python -m benchmarks.unet_bench --small --batch 4,16 --precision fp32,bf16 --remat \\
+        --max-batch --mem-budget 2GiB --json out.json
+
+One run measures, for each batch size and precision:
+  train   jaxdiff: the real ``jaxdiff.train.step.make_train_step`` (AdamW + clip + EMA +
+          non-finite guard), jitted with the state donated; diffusers: the same network as
+          ``UNet2DModel``, MSE on a random timestep and noise, ``backward``, clip_grad_norm_,
+          ``AdamW.step`` (foreach), ``zero_grad`` and an EMA ``_foreach_lerp_`` -- the work our
+          step does; also ``torch.compile`` when it works, and jaxdiff with ``remat=True``.
+  sample  one model forward at eval (the cost of one sampling step), and for jaxdiff
+          ``jaxdiff.sampling.sample(method="ddim")`` over N steps, to show the loop overhead
+          (time of N steps vs N x one forward).
+Times are medians over ``--steps`` calls after compilation and warm-up (``block_until_ready``;
+torch on CPU is synchronous, on CUDA we synchronise). FLOPs come from XLA's
+``compiled.cost_analysis()``; the torch row of the same config uses the same count. Peak memory:
+jaxdiff = XLA's ``memory_analysis()`` (arguments + outputs - aliased + temporaries; what the
+program needs, by XLA's buffer assignment); diffusers = ``torch.cuda.max_memory_allocated`` on
+GPU, and on CPU the resident tensors (params, and for training EMA + AdamW state) plus the peak
+of the allocations made during one call, from the profiler's memory events (RSS is useless here:
+malloc caches freed memory and JAX shares the process).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from benchmarks.unet_configs import DDPM_CIFAR10, SMALL, diffusers_config, unet_forward_flops
+
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    unet: dict
+    image_size: int = 32
+    channels: int = 3
+    batches: tuple[int, ...] = (128,)
+    precisions: tuple[str, ...] = ("fp32",)
+    steps: int = 10  # timed calls per measurement (median reported)
+    warmup: int = 2
+    sampling_steps: int = 10
+    sampling_repeats: int = 3
+    blocks: int = 3  # interleaved blocks per measurement
+    pause: float = 0.5  # seconds of idle before each timed block
+    torch: bool = True
+    torch_compile: bool = True
+    remat: bool = False
+    max_batch: bool = False
+    mem_budget: int | None = None  # bytes; default: device memory (GPU) or MemAvailable (CPU)
+    compiler_options: dict = dataclasses.field(default_factory=dict)
+    matmul_peak: bool = True
+    name: str = "custom"
+
+
+# ----------------------------------------------------------------------------- small helpers
+def _median_ms(ts):
+    return 1e3 * float(np.median(ts)), 1e3 * float(np.min(ts))
+
+
+def _timed(fn: Callable[[], Any], steps: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return ts
+
+
+def interleave(runs: dict[str, Callable[[], Any]], steps: int, blocks: int = 3,
+               pause: float = 0.5, calls: dict[str, int] | None = None) -> dict[str, list[float]]:
+    """Time each (already warmed-up) callable ``steps`` times, in ``blocks`` alternating blocks
+    (``calls[name]``: that many calls per block instead, e.g. 1 for a whole sampling loop).
+
+    Alternating spreads slow drifts of the machine's load evenly over the contenders, and the
+    pause before each block lets the other framework's worker threads go idle (XLA's and
+    OpenMP's pools spin for a while after their last task; measured: torch steps right after JAX
+    work ran up to 8x slower on this 2-core machine)."""
+    calls = calls or {}
+    out = {k: [] for k in runs}
+    per = [steps // blocks + (i < steps % blocks) for i in range(blocks)]
+    for n in per:
+        for name, fn in runs.items():
+            k = calls.get(name, n)
+            if k == 0:
+                continue
+            time.sleep(pause)
+            for _ in range(k):
+                t0 = time.perf_counter()
+                fn()
+                out[name].append(time.perf_counter() - t0)
+    return out
+
+
+def _cost_flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0]
+    return float(cost.get("flops", float("nan")))
+
+
+def _xla_memory(compiled) -> int | None:
+    m = compiled.memory_analysis()
+    if m is None:
+        return None
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+               + m.temp_size_in_bytes)
+
+
+def parse_bytes(s: str) -> int:
+    units = {"k": 2 ** 10, "m": 2 ** 20, "g": 2 ** 30, "t": 2 ** 40}
+    s = s.strip().lower().rstrip("b").rstrip("i")
+    if s and s[-1] in units:
+        return int(float(s[:-1]) * units[s[-1]])
+    return int(float(s))
+
+
+def _fmt_bytes(n) -> str:
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return "n/a"
+    for unit, div in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if abs(n) >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{n} B"
+
+
+def machine_info() -> dict:
+    import jax
+    import jaxlib
+
+    cpu = platform.processor() or "unknown"
+    flags = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    dev = jax.devices()[0]
+    info = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "cpu": cpu,
+        "cpu_cores": os.cpu_count(),
+        "cpu_isa": ",".join(x for x in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16")
+                            if x in flags),
+        "jax_backend": jax.default_backend(),
+        "device_kind": dev.device_kind,
+        "num_devices": jax.device_count(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+        "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+    try:
+        import flax
+        info["flax"] = flax.__version__
+    except ImportError:
+        pass
+    try:
+        import torch
+        import diffusers
+        info["torch"] = torch.__version__
+        info["diffusers"] = diffusers.__version__
+        info["torch_threads"] = torch.get_num_threads()
+        info["torch_device"] = "cuda" if torch.cuda.is_available() else "cpu"
+        if torch.cuda.is_available():
+            info["torch_device_name"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        info["torch"] = None
+    return info
+
+
+# ----------------------------------------------------------------------------- jaxdiff side
+def bench_params(shapes, seed: int = 0):
+    """Parameters for timing, drawn in NumPy from the shapes (no compile): kernels and embeddings
+    ~ N(0, 1/fan_in), GroupNorm scales 1, biases 0. (A jitted ``model.init`` costs more XLA:CPU
+    compile time than the train step itself: ~36 s for a 45k-parameter U-Net on 2 cores.)"""
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, s):
+        name = str(getattr(path[-1], "key", path[-1]))
+        if name == "scale":
+            return jnp.ones(s.shape, s.dtype)
+        if name == "bias":
+            return jnp.zeros(s.shape, s.dtype)
+        fan_in = int(np.prod(s.shape[:-1])) or 1
+        return jnp.asarray(rng.standard_normal(s.shape) / np.sqrt(fan_in), s.dtype)
+
+    return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
+class _Jax:
+    """The jaxdiff programs of one (config, precision, remat), built once, timed on demand."""
+
+    def __init__(self, cfg: BenchConfig, precision: str, remat: bool = False):
+        import jax
+        import jax.numpy as jnp
+
+        from jaxdiff.nn import UNet
+        from jaxdiff.pipelines import DiffusionModel
+        from jaxdiff.schedules import make_schedule
+
+        self.cfg, self.precision, self.remat = cfg, precision, remat
+        dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[precision]
+        self.module = UNet(**cfg.unet, dtype=dtype, remat=remat)
+        self.model = DiffusionModel(self.module, (cfg.image_size, cfg.image_size, cfg.channels))
+        self.schedule = make_schedule("linear", 1000)
+        self.params = bench_params(jax.eval_shape(self.model.init_params, jax.random.key(0)))
+        self.n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(self.params))
+
+    def _image(self, batch, seed=1):
+        import jax
+        shape = (batch, self.cfg.image_size, self.cfg.image_size, self.cfg.channels)
+        return jax.random.uniform(jax.random.key(seed), shape, minval=-1.0, maxval=1.0)
+
+    def compile_train(self, batch: int, compiler_options: dict | None = None):
+        import jax
+
+        from jaxdiff.train.step import create_train_state, make_optimizer, make_train_step
+
+        opt = make_optimizer(learning_rate=2e-4)
+        state = create_train_state(jax.tree.map(lambda a: a.copy(), self.params), opt)
+        step = make_train_step(self.model.train_apply_fn(), opt, self.schedule, seed=0)
+        data = {"image": self._image(batch)}
+        t0 = time.perf_counter()
+        lowered = jax.jit(step, donate_argnums=0).lower(state, data)
+        t1 = time.perf_counter()
+        compiled = lowered.compile(compiler_options or self.cfg.compiler_options or None)
+        t2 = time.perf_counter()
+        return compiled, state, data, t1 - t0, t2 - t1
+
+    def train(self, batch: int) -> dict:
+        """Compile the train step; returns a warmed-up ``run`` (one step, synchronised) and
+        the compile facts."""
+        import jax
+
+        compiled, state, data, t_lower, t_compile = self.compile_train(batch)
+        box = [state]
+
+        def run():
+            box[0], metrics = compiled(box[0], data)
+            jax.block_until_ready((box[0], metrics))
+
+        for _ in range(self.cfg.warmup):
+            run()
+        return dict(run=run, flops=_cost_flops(compiled), mem=_xla_memory(compiled),
+                    lower_s=t_lower, compile_s=t_compile)
+
+    def forward(self, batch: int) -> dict:
+        """One eval forward (a sampling step's model call), compiled and warmed up."""
+        import jax
+        import jax.numpy as jnp
+
+        x = self._image(batch, 2)
+        t = jnp.full((batch,), 500.0, jnp.float32)
+        fn = jax.jit(lambda p, x, t: self.model.apply(p, x, t))
+        t0 = time.perf_counter()
+        lowered = fn.lower(self.params, x, t)
+        t1 = time.perf_counter()
+        compiled = lowered.compile(self.cfg.compiler_options or None)
+        t2 = time.perf_counter()
+
+        def run():
+            jax.block_until_ready(compiled(self.params, x, t))
+
+        for _ in range(self.cfg.warmup):
+            run()
+        return dict(run=run, flops=_cost_flops(compiled), mem=_xla_memory(compiled),
+                    lower_s=t1 - t0, compile_s=t2 - t1)
+
+    def ddim(self, batch: int, num_steps: int) -> dict:
+        """``jaxdiff.sampling.sample(method="ddim")`` over ``num_steps`` steps, compiled (first
+        call) and ready to time."""
+        import jax
+
+        from jaxdiff import sampling
+
+        x_T = jax.random.normal(jax.random.key(3), self._image(batch).shape)
+
+        def run():
+            jax.block_until_ready(sampling.sample(
+                self.model.uncond_model_fn, self.schedule, x_T, method="ddim",
+                num_steps=num_steps, extra_args={"params": self.params}))
+
+        t0 = time.perf_counter()
+        run()
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        run()
+        return dict(run=run, first_call_s=first, second_call_s=time.perf_counter() - t0)
+
+
+def matmul_peak(dtype_name: str, n: int, repeats: int = 5) -> float:
+    """FLOP/s of one big square ``jnp.dot`` (the achievable matmul peak of the device)."""
+    import jax
+    import jax.numpy as jnp
+
+    dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[dtype_name]
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+    f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=dtype))
+    jax.block_until_ready(f(a, b))
+    ts = _timed(lambda: jax.block_until_ready(f(a, b)), repeats, 1)
+    return 2 * n ** 3 / float(np.median(ts))
+
+
+def max_batch_search(cfg: BenchConfig, precision: str, remat: bool, budget: int,
+                     start: int, max_probes: int = 8, tolerance: float = 0.02) -> dict:
+    """Largest batch whose train step fits ``budget`` bytes by XLA's memory_analysis.
+
+    Memory is close to affine in the batch (not exactly: small batches reuse buffers better),
+    so the search probes ``start`` and ``2 * start``, then steps along the secant through the
+    two probes nearest the budget, keeping the largest fitting and smallest failing batch as a
+    bracket, until the bracket is within ``tolerance`` (or ``max_probes`` compiles). The probes
+    compile with LLVM's expensive passes off and backend optimisation 0: buffer assignment,
+    hence memory_analysis, is decided before LLVM runs.
+    """
+    fast = {**cfg.compiler_options, "xla_llvm_disable_expensive_passes": True,
+            "xla_backend_optimization_level": 0}
+    j = _Jax(cfg, precision, remat)
+    probes: dict[int, int] = {}
+
+    def mem(b):
+        if b not in probes:
+            probes[b] = _xla_memory(j.compile_train(b, fast)[0])
+        return probes[b]
+
+    mem(start)
+    mem(2 * start)
+    for _ in range(max_probes - 2):
+        fit = [b for b, m in probes.items() if m <= budget]
+        over = [b for b, m in probes.items() if m > budget]
+        lo, hi = (max(fit) if fit else 0), (min(over) if over else None)
+        if hi is not None and hi - lo <= max(1, tolerance * lo):
+            break
+        if hi is not None and lo:  # bracketed: secant through the bracket (regula falsi)
+            (b1, m1), (b2, m2) = (lo, probes[lo]), (hi, probes[hi])
+        else:  # extrapolate from the two largest probes
+            (b1, m1), (b2, m2) = sorted(probes.items())[-2:]
+        per = (m2 - m1) / (b2 - b1) if m2 != m1 else max(m1, 1) / max(b1, 1)
+        guess = int(b1 + (budget - m1) / per)
+        if guess <= lo:  # the line says lo is the largest: confirm with lo + 1
+            guess = lo + 1
+        elif hi is not None:
+            margin = max(1, (hi - lo) // 10)  # keep secant steps off the bracket's ends
+            if not lo + margin <= guess <= hi - margin:
+                guess = (lo + hi) // 2
+        if guess in probes:
+            break
+        mem(guess)
+    fit = [b for b, m in probes.items() if m <= budget]
+    best = max(fit) if fit else None
+    big = sorted(probes.items())[-2:]
+    per = (big[1][1] - big[0][1]) / (big[1][0] - big[0][0]) if len(big) == 2 else float("nan")
+    return dict(precision=precision, remat=remat, budget=budget, max_batch=best,
+                bytes_per_example=per, fixed_bytes=big[-1][1] - per * big[-1][0],
+                probes={int(b): int(m) for b, m in sorted(probes.items())})
+
+
+# ----------------------------------------------------------------------------- diffusers side
+class _Torch:
+    def __init__(self, cfg: BenchConfig):
+        import torch
+        from diffusers import UNet2DModel
+
+        self.torch = torch
+        self.cfg = cfg
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        torch.manual_seed(0)
+        self.model = UNet2DModel(**diffusers_config(cfg.unet, cfg.image_size, cfg.channels))
+        self.model.to(self.device)
+        self.n_params = sum(p.numel() for p in self.model.parameters())
+        self.params = list(self.model.parameters())
+        self.ema = [p.detach().clone() for p in self.params]
+        self.opt = torch.optim.AdamW(self.params, lr=2e-4, betas=(0.9, 0.999), eps=1e-8,
+                                     weight_decay=0.0, foreach=True)
+        betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)
+        self.alphas_cumprod = torch.tensor(np.cumprod(1.0 - betas), dtype=torch.float32,
+                                           device=self.device)
+        self._compiled = None
+
+    def _sync(self):
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
+
+    def _autocast(self, precision):
+        import contextlib
+        if precision == "bf16":
+            return self.torch.autocast(self.device, dtype=self.torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _net(self, compiled: bool):
+        if not compiled:
+            return self.model
+        if self._compiled is None:
+            self._compiled = self.torch.compile(self.model)
+        return self._compiled
+
+    def _state_bytes(self) -> int:
+        """Bytes of params, EMA and optimiser state (what jaxdiff's state holds)."""
+        ts = list(self.params) + list(self.ema)
+        for st in self.opt.state.values():
+            ts += [v for v in st.values() if self.torch.is_tensor(v)]
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    def _prepare(self, run, warmup: int, train: bool) -> dict:
+        """Warm ``run`` up; returns it (wrapped to track CUDA peak memory) and its peak memory.
+
+        CUDA: ``max_memory_allocated`` over the timed calls. CPU: the resident tensors (params;
+        for a train step also EMA and AdamW state) plus the peak of the allocations made during
+        one extra step, replayed from the profiler's memory events (``profile_memory=True``:
+        the allocator's own bookkeeping, so neither malloc's caching nor JAX's memory in the
+        same process blurs it)."""
+        torch = self.torch
+        t0 = time.perf_counter()
+        for _ in range(max(1, warmup)):
+            run()
+        first = time.perf_counter() - t0
+        if self.device == "cuda":
+            box = {"peak": 0}
+            torch.cuda.reset_peak_memory_stats()
+
+            def tracked():
+                run()
+                box["peak"] = torch.cuda.max_memory_allocated()
+
+            return dict(run=tracked, warmup_s=first, mem=lambda: box["peak"],
+                        mem_kind="cuda max_memory_allocated")
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            run()
+        live = peak = 0
+        for ev in sorted(prof.events(), key=lambda e: e.time_range.start):
+            if ev.self_cpu_memory_usage:
+                live += ev.self_cpu_memory_usage
+                peak = max(peak, live)
+        resident = (self._state_bytes() if train
+                    else sum(p.numel() * p.element_size() for p in self.params))
+        return dict(run=run, warmup_s=first, mem=lambda: resident + peak,
+                    mem_kind="state + allocation peak")
+
+    def train(self, batch: int, precision: str, compiled: bool = False) -> dict:
+        torch = self.torch
+        c, s = self.cfg.channels, self.cfg.image_size
+        x0 = torch.rand(batch, c, s, s, device=self.device) * 2 - 1
+        self.model.train()
+        net = self._net(compiled)
+
+        def run():
+            t = torch.randint(0, 1000, (batch,), device=self.device)
+            eps = torch.randn_like(x0)
+            a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+            x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+            with self._autocast(precision):
+                pred = net(x_t, t).sample
+            loss = torch.nn.functional.mse_loss(pred.float(), eps)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0, foreach=True)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                torch._foreach_lerp_(self.ema, self.params, 1.0 - 0.9999)
+            self._sync()
+
+        return self._prepare(run, self.cfg.warmup, train=True)
+
+    def forward(self, batch: int, precision: str, compiled: bool = False) -> dict:
+        torch = self.torch
+        c, s = self.cfg.channels, self.cfg.image_size
+        x = torch.rand(batch, c, s, s, device=self.device) * 2 - 1
+        t = torch.full((batch,), 500, device=self.device, dtype=torch.long)
+        net = self._net(compiled)
+
+        def run():
+            self.model.eval()
+            with torch.inference_mode(), self._autocast(precision):
+                net(x, t)
+            self._sync()
+            self.model.train()
+
+        return self._prepare(run, self.cfg.warmup, train=False)
+
+
+# ----------------------------------------------------------------------------- the run
+def _row(task, impl, variant, batch, times=None, flops=None, mem=None, mem_kind="", note="",
+         compile_s=None, per=1):
+    row = dict(task=task, impl=impl, variant=variant, batch=batch, ms=None, ms_min=None,
+               images_per_s=None, tflops=None, flops=flops, mem_bytes=mem, mem_kind=mem_kind,
+               compile_s=compile_s, note=note, speed_vs_diffusers=None)
+    if times:
+        ms, ms_min = _median_ms(times)
+        row.update(ms=ms / per, ms_min=ms_min / per)
+        row["images_per_s"] = batch / (row["ms"] / 1e3)
+        if flops:
+            row["tflops"] = flops / (row["ms"] / 1e3) / 1e12
+    return row
+
+
+def _try(fn, *args, **kwargs):
+    """(result, None) or (None, 'n/a: error') -- torch.compile may fail on a machine without a
+    working compiler toolchain; that is reported, not fatal."""
+    try:
+        return fn(*args, **kwargs), None
+    except Exception as e:  # noqa: BLE001
+        text = str(e).strip()
+        msg = text.splitlines()[0][:80] if text else ""
+        return None, f"n/a: {type(e).__name__}: {msg}"
+
+
+def _measure_pair(cfg, log, label, jax_prep, torch_preps):
+    """Interleave the timed calls of one jaxdiff program and its torch counterparts."""
+    runs = {"jaxdiff": jax_prep["run"]}
+    runs.update({k: v["run"] for k, v in torch_preps.items() if v is not None})
+    log(f"# timing {label}: {', '.join(runs)} ({cfg.steps} calls each, interleaved)")
+    return interleave(runs, cfg.steps, blocks=min(cfg.blocks, cfg.steps), pause=cfg.pause)
+
+
+def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
+    import jax
+
+    info = machine_info()
+    log(f"# machine: {info['cpu']} ({info['cpu_cores']} cores, {info['cpu_isa']}), "
+        f"jax {info['jax']} on {info['jax_backend']} [{info['device_kind']}], "
+        f"torch {info.get('torch')} on {info.get('torch_device')} "
+        f"({info.get('torch_threads')} threads), diffusers {info.get('diffusers')}")
+    rows, compiles, notes = [], [], []
+    result = dict(machine=info, config=dict(dataclasses.asdict(cfg)), rows=rows,
+                  compile=compiles, notes=notes)
+    gpu = jax.default_backend() == "gpu"
+    torch_side = None
+    if cfg.torch:
+        try:
+            torch_side = _Torch(cfg)
+        except ImportError as e:
+            notes.append(f"torch/diffusers unavailable: {e}")
+    result["analytic_forward_flops"] = {
+        b: unet_forward_flops(cfg.unet, b, cfg.image_size, cfg.channels)["total"]
+        for b in cfg.batches}
+
+    for precision in cfg.precisions:
+        j = _Jax(cfg, precision)
+        result.setdefault("params", {})["jaxdiff"] = j.n_params
+        if torch_side is not None:
+            result["params"]["diffusers"] = torch_side.n_params
+            log(f"# parameters: jaxdiff {j.n_params:,}  diffusers {torch_side.n_params:,}")
+            if j.n_params != torch_side.n_params:
+                raise RuntimeError(f"parameter counts differ: jaxdiff {j.n_params:,} vs "
+                                   f"diffusers {torch_side.n_params:,}")
+        else:
+            log(f"# parameters: jaxdiff {j.n_params:,}")
+        for b in cfg.batches:
+            # ---- train step
+            log(f"# {precision} batch {b}: compiling the jaxdiff train step ...")
+            jt = j.train(b)
+            compiles.append(dict(program=f"train step {precision} b{b}", lower_s=jt["lower_s"],
+                                 compile_s=jt["compile_s"]))
+            tps, errs = {}, {}
+            if torch_side is not None:
+                tps[precision + " eager"] = torch_side.train(b, precision)
+                if cfg.torch_compile:
+                    log(f"# {precision} batch {b}: torch.compile of the diffusers train step ...")
+                    tps[precision + " torch.compile"], errs[precision + " torch.compile"] = _try(
+                        torch_side.train, b, precision, compiled=True)
+            ts = _measure_pair(cfg, log, f"train {precision} b{b}", jt, tps)
+            rows.append(_row("train", "jaxdiff", precision, b, ts["jaxdiff"], jt["flops"],
+                             jt["mem"], "XLA estimate", compile_s=jt["compile_s"]))
+            if cfg.remat:
+                log(f"# {precision} batch {b}: compiling the jaxdiff train step, remat ...")
+                jr = _Jax(cfg, precision, remat=True).train(b)
+                compiles.append(dict(program=f"train step {precision} remat b{b}",
+                                     lower_s=jr["lower_s"], compile_s=jr["compile_s"]))
+                tr = interleave({"remat": jr["run"]}, cfg.steps, 1, cfg.pause)["remat"]
+                rows.append(_row("train", "jaxdiff", precision + " remat", b, tr, jr["flops"],
+                                 jr["mem"], "XLA estimate", compile_s=jr["compile_s"],
+                                 note="FLOPs incl. recompute"))
+            for name in [precision + " eager", precision + " torch.compile"]:
+                if name in tps and tps[name] is not None:
+                    rows.append(_row("train", "diffusers", name, b, ts[name], jt["flops"],
+                                     tps[name]["mem"](), tps[name]["mem_kind"],
+                                     note=("" if "eager" in name else
+                                           f"warm-up incl. compile {tps[name]['warmup_s']:.0f} s")))
+                elif name in errs:
+                    rows.append(_row("train", "diffusers", name, b, note=errs[name]))
+
+            # ---- one sampling step = one eval forward; and the DDIM loop
+            log(f"# {precision} batch {b}: compiling the jaxdiff forward ...")
+            jf = j.forward(b)
+            compiles.append(dict(program=f"forward {precision} b{b}", lower_s=jf["lower_s"],
+                                 compile_s=jf["compile_s"]))
+            fps, ferrs = {}, {}
+            if torch_side is not None:
+                fps[precision + " eager forward"] = torch_side.forward(b, precision)
+                if cfg.torch_compile and tps.get(precision + " torch.compile") is not None:
+                    key = precision + " torch.compile forward"
+                    fps[key], ferrs[key] = _try(torch_side.forward, b, precision, compiled=True)
+            n = cfg.sampling_steps
+            runs = {"jaxdiff": jf["run"]}
+            if n:
+                log(f"# {precision} batch {b}: compiling jaxdiff DDIM x {n} ...")
+                dd = j.ddim(b, n)
+                compiles.append(dict(program=f"ddim x{n} {precision} b{b} (first - second call)",
+                                     lower_s=None,
+                                     compile_s=dd["first_call_s"] - dd["second_call_s"]))
+                runs["ddim"] = dd["run"]
+            runs.update({k: v["run"] for k, v in fps.items() if v is not None})
+            log(f"# timing forward {precision} b{b}: {', '.join(runs)} (interleaved)")
+            blocks = max(min(cfg.blocks, cfg.steps), cfg.sampling_repeats if n else 0)
+            fs = interleave(runs, cfg.steps, blocks=blocks, pause=cfg.pause, calls={"ddim": 1})
+            rows.append(_row("sample", "jaxdiff", precision + " forward", b, fs["jaxdiff"],
+                             jf["flops"], jf["mem"], "XLA estimate", compile_s=jf["compile_s"]))
+            if n:
+                overhead = _median_ms(fs["ddim"])[0] / (n * _median_ms(fs["jaxdiff"])[0]) - 1.0
+                rows.append(_row("sample", "jaxdiff", f"{precision} ddim x{n}, per step", b,
+                                 fs["ddim"], jf["flops"], per=n,
+                                 note=f"{overhead:+.1%} vs {n} x forward"))
+            for name in [precision + " eager forward", precision + " torch.compile forward"]:
+                if fps.get(name) is not None:
+                    rows.append(_row("sample", "diffusers", name, b, fs[name], jf["flops"],
+                                     fps[name]["mem"](), fps[name]["mem_kind"]))
+                elif name in ferrs:
+                    rows.append(_row("sample", "diffusers", name, b, note=ferrs[name]))
+        del j
+
+    # Speed relative to diffusers eager of the same task, batch and precision.
+    for r in rows:
+        prec = r["variant"].split()[0]
+        ref = [q for q in rows if q["impl"] == "diffusers" and q["task"] == r["task"]
+               and q["batch"] == r["batch"] and q["variant"].startswith(prec + " eager")]
+        if ref and ref[0]["ms"] and r["ms"]:
+            r["speed_vs_diffusers"] = ref[0]["ms"] / r["ms"]
+
+    if cfg.matmul_peak:
+        dt, n = ("bf16", 8192) if gpu else ("fp32", 2048)
+        peak = matmul_peak(dt, n)
+        result["matmul_peak"] = dict(dtype=dt, n=n, tflops=peak / 1e12)
+        for r in rows:
+            if r["tflops"]:
+                r["fraction_of_matmul_peak"] = r["tflops"] * 1e12 / peak
+
+    if cfg.max_batch:
+        budget = cfg.mem_budget or _device_memory()
+        start = min(cfg.batches)
+        mb = []
+        for precision in cfg.precisions:
+            for remat in (False, True):
+                log(f"# max batch: {precision} remat={remat} within {_fmt_bytes(budget)} ...")
+                mb.append(max_batch_search(cfg, precision, remat, budget, start))
+        result["max_batch"] = mb
+    info["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return result
+
+
+def _device_memory() -> int:
+    import jax
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("cannot tell the device memory; pass --mem-budget")
+
+
+# ----------------------------------------------------------------------------- output
+_MEM_TAGS = {"XLA estimate": "xla", "state + allocation peak": "torch",
+             "cuda max_memory_allocated": "cuda"}
+
+
+def format_table(result: dict) -> str:
+    info = result["machine"]
+    lines = [
+        f"machine: {info['cpu']}, {info['cpu_cores']} cores ({info['cpu_isa']}); "
+        f"jax {info['jax']} / jaxlib {info['jaxlib']} on {info['jax_backend']} "
+        f"[{info['device_kind']}]; torch {info.get('torch')} on {info.get('torch_device')} "
+        f"({info.get('torch_threads')} threads); diffusers {info.get('diffusers')}; "
+        f"{info['date']}; load average {_fmt_load(info.get('loadavg_start'))} -> "
+        f"{_fmt_load(info.get('loadavg_end'))}",
+    ]
+    if info.get("XLA_FLAGS"):
+        lines.append(f"XLA_FLAGS={info['XLA_FLAGS']}")
+    p = result.get("params", {})
+    lines.append("parameters: " + ", ".join(f"{k} {v:,}" for k, v in p.items()))
+    head = ("task", "impl", "variant", "batch", "ms/step", "min ms", "img/s", "TFLOP/s",
+            "peak mem", "vs diffusers", "note")
+    table = [head]
+    for r in result["rows"]:
+        mem = _fmt_bytes(r["mem_bytes"]) if r["mem_bytes"] is not None else "n/a"
+        if r["mem_bytes"] is not None and r["mem_kind"]:
+            mem += " (" + _MEM_TAGS.get(r["mem_kind"], r["mem_kind"]) + ")"
+        table.append((
+            r["task"], r["impl"], r["variant"], str(r["batch"]),
+            "n/a" if r["ms"] is None else f"{r['ms']:.1f}",
+            "n/a" if r["ms_min"] is None else f"{r['ms_min']:.1f}",
+            "n/a" if r["images_per_s"] is None else f"{r['images_per_s']:.1f}",
+            "n/a" if r["tflops"] is None else f"{r['tflops']:.4f}",
+            mem,
+            "" if r["speed_vs_diffusers"] is None else f"{r['speed_vs_diffusers']:.2f}x",
+            r["note"] or "",
+        ))
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    for k, row in enumerate(table):
+        lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |")
+        if k == 0:
+            lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    lines.append("vs diffusers = diffusers eager ms / this row's ms (same task, batch, precision);"
+                 " >1: faster than diffusers eager. FLOPs: XLA cost_analysis of the jaxdiff "
+                 "program, used for the torch rows too. Memory: xla = XLA memory_analysis "
+                 "(arguments + outputs - aliased + temporaries); torch = resident tensors (params, "
+                 "+ EMA and AdamW state for train) + peak of the allocations during one call "
+                 "(profiler memory events); cuda = max_memory_allocated.")
+    if "matmul_peak" in result:
+        mp = result["matmul_peak"]
+        lines.append(f"{mp['dtype']} matmul peak ({mp['n']}^2 jnp.dot): {mp['tflops']:.4f} TFLOP/s")
+        for r in result["rows"]:
+            if r["task"] == "train" and r["impl"] == "jaxdiff" and r.get("fraction_of_matmul_peak"):
+                lines.append(f"  train step {r['variant']} b{r['batch']}: "
+                             f"{r['fraction_of_matmul_peak']:.1%} of it")
+    lines.append("compile (jaxdiff): " + "; ".join(
+        f"{c['program']}: " + ("" if c["lower_s"] is None else f"trace+lower {c['lower_s']:.1f} s, ")
+        + f"compile {c['compile_s']:.1f} s" for c in result["compile"]))
+    for mb in result.get("max_batch", []):
+        lines.append(f"max batch {mb['precision']}{' remat' if mb['remat'] else ''} within "
+                     f"{_fmt_bytes(mb['budget'])}: {mb['max_batch']} "
+                     f"({_fmt_bytes(mb['bytes_per_example'])}/example + "
+                     f"{_fmt_bytes(mb['fixed_bytes'])} fixed, XLA memory_analysis)")
+    lines.extend(result.get("notes", []))
+    return "\n".join(lines)
+
+
+def _fmt_load(la):
+    return "n/a" if not la else "/".join(f"{x:.1f}" for x in la)
+
+
+def _parse_options(items) -> dict:
+    out = {}
+    for item in items or []:
+        k, _, v = item.partition("=")
+        v = {"true": True, "false": False}.get(v.lower(), v)
+        if isinstance(v, str):
+            try:
+                v = int(v)
+            except ValueError:
+                pass
+        out[k] = v
+    return out
+
+
+def config_from_args(argv=None) -> BenchConfig:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--small", action="store_true",
+                    help="1.1M-parameter U-Net (ch 32, ch_mult 1,2,2, 1 res block, attention at "
+                         "8x8), batch 4: for a CPU. Default: DDPM CIFAR-10 (35.7M), batch 128.")
+    ap.add_argument("--batch", help="comma-separated batch sizes")
+    ap.add_argument("--precision", default="fp32", help="comma-separated: fp32,bf16")
+    ap.add_argument("--steps", type=int, default=10, help="timed calls per measurement")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--blocks", type=int, default=3,
+                    help="interleave jaxdiff and torch calls in this many alternating blocks")
+    ap.add_argument("--torch-threads", type=int,
+                    help="torch.set_num_threads (default: torch's, = cores)")
+    ap.add_argument("--sampling-steps", type=int, default=10,
+                    help="N of the DDIM loop measurement (0: skip)")
+    ap.add_argument("--remat", action="store_true", help="also time jaxdiff with remat=True")
+    ap.add_argument("--max-batch", action="store_true",
+                    help="find the largest train batch that fits (plain and remat)")
+    ap.add_argument("--mem-budget", type=parse_bytes,
+                    help="memory budget for --max-batch, e.g. 2GiB (default: device memory)")
+    ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--no-torch-compile", action="store_true")
+    ap.add_argument("--no-matmul-peak", action="store_true")
+    ap.add_argument("--xla-option", action="append", metavar="KEY=VALUE",
+                    help="per-compile XLA option for the jaxdiff programs "
+                         "(e.g. xla_llvm_disable_expensive_passes=true); repeatable")
+    ap.add_argument("--json", help="write the results here")
+    a = ap.parse_args(argv)
+    for p in a.precision.split(","):
+        if p not in PRECISIONS:
+            ap.error(f"--precision: {p!r} is not one of {PRECISIONS}")
+    batches = tuple(int(b) for b in a.batch.split(",")) if a.batch else ((4,) if a.small else (128,))
+    cfg = BenchConfig(
+        unet=dict(SMALL if a.small else DDPM_CIFAR10), batches=batches,
+        precisions=tuple(a.precision.split(",")), steps=a.steps, warmup=a.warmup,
+        sampling_steps=a.sampling_steps, torch=not a.no_torch, blocks=a.blocks,
+        torch_compile=not a.no_torch_compile, remat=a.remat, max_batch=a.max_batch,
+        mem_budget=a.mem_budget, compiler_options=_parse_options(a.xla_option),
+        matmul_peak=not a.no_matmul_peak, name="small" if a.small else "ddpm_cifar10")
+    cfg.json = a.json  # type: ignore[attr-defined]
+    if a.torch_threads:
+        import torch
+        torch.set_num_threads(a.torch_threads)
+    return cfg
+
+
+def main(argv=None) -> dict:
+    cfg = config_from_args(argv)
+    result = run(cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(format_table(result))
+    out = getattr(cfg, "json", None)
+    if out:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""Smoke test of ``benchmarks/unet_bench.py`` on a tiny U-Net, and exactness of the fast paths
+that the benchmark work put into ``jaxdiff.nn.layers`` (dropout masks, fused GroupNorm+SiLU).
+
+The timing run compiles with LLVM's expensive passes off and backend optimisation 0 (these tests
+check the machinery, not the speed), so the module stays well under 30 s on a 2-core CPU.
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import unet_bench as ub
+from benchmarks.unet_configs import (DDPM_CIFAR10, SMALL, conv_flops, diffusers_config,
+                                     unet_forward_flops)
+from jaxdiff.nn.layers import Dropout, bernoulli, group_norm_silu
+
+FAST_COMPILE = {"xla_llvm_disable_expensive_passes": True, "xla_backend_optimization_level": 0}
+# One level (8x8, with attention), one res block: the smallest U-Net with every layer kind but
+# the resamplers (their FLOP formulas are checked layer by layer below).
+MINI = dict(ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(8,), num_groups=4, dropout=0.1)
+
+
+def _compile(fn, *args):
+    return jax.jit(fn).lower(*args).compile(FAST_COMPILE)
+
+
+def _xla_flops(fn, *args):
+    return ub._cost_flops(_compile(fn, *args))
+
+
+@pytest.fixture(scope="module")
+def result():
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    cfg = ub.BenchConfig(unet=MINI, image_size=8, batches=(2,), precisions=("fp32",), steps=2,
+                         warmup=1, sampling_steps=2, sampling_repeats=1, blocks=2, pause=0.0,
+                         torch_compile=False, matmul_peak=False, compiler_options=FAST_COMPILE)
+    return ub.run(cfg, log=lambda s: None)
+
+
+def test_table_rows_and_flops(result):
+    rows = {(r["task"], r["impl"], r["variant"], r["batch"]): r for r in result["rows"]}
+    assert list(rows) == [
+        ("train", "jaxdiff", "fp32", 2), ("train", "diffusers", "fp32 eager", 2),
+        ("sample", "jaxdiff", "fp32 forward", 2), ("sample", "jaxdiff", "fp32 ddim x2, per step", 2),
+        ("sample", "diffusers", "fp32 eager forward", 2)]
+    for r in rows.values():
+        assert r["ms"] > 0 and r["images_per_s"] > 0 and r["flops"] > 0 and r["tflops"] > 0
+        assert r["speed_vs_diffusers"] > 0
+    assert result["params"]["jaxdiff"] == result["params"]["diffusers"]
+    # The torch rows reuse the FLOP count of the same jaxdiff program.
+    train, fwd = rows["train", "jaxdiff", "fp32", 2], rows["sample", "jaxdiff", "fp32 forward", 2]
+    assert rows["train", "diffusers", "fp32 eager", 2]["flops"] == train["flops"]
+    assert rows["sample", "diffusers", "fp32 eager forward", 2]["flops"] == fwd["flops"]
+    assert rows["train", "diffusers", "fp32 eager", 2]["speed_vs_diffusers"] == 1.0
+    # XLA's count = the analytic matmul/conv count + elementwise work (15% at these 8 channels,
+    # 1.7% at the small config); a train step is >= 3 forwards (at the small config 3.1: the
+    # elementwise work of the optimiser and of the dropout masks is counted too).
+    analytic = unet_forward_flops(MINI, 2, 8)["total"]
+    assert result["analytic_forward_flops"][2] == analytic
+    assert analytic <= fwd["flops"] <= 1.25 * analytic
+    assert 2.5 * analytic <= train["flops"] <= 6 * analytic
+    assert train["mem_bytes"] > 0 and fwd["mem_bytes"] > 0
+    text = ub.format_table(result)
+    for variant in ("fp32 eager", "fp32 ddim x2, per step", "vs 2 x forward", "parameters:",
+                    "compile (jaxdiff): train step fp32 b2"):
+        assert variant in text
+
+
+def test_layer_flop_formulas_equal_xla():
+    """conv_flops (padding-aware) and the dense/attention terms equal XLA's count exactly."""
+    x = jnp.ones((2, 8, 8, 4))
+    for k, stride, pad in [(3, 1, None), (3, 2, (0, 1)), (3, 2, (1, 1)), (1, 1, (0, 0))]:
+        w = jnp.ones((k, k, 4, 6))
+        padding = ((1, 1),) * 2 if pad is None and k == 3 else ((pad or (0, 0)),) * 2
+        got = _xla_flops(lambda x, w: jax.lax.conv_general_dilated(
+            x, w, (stride,) * 2, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")), x, w)
+        assert got == conv_flops(2, 8, 8, 4, 6, k, stride, pad), (k, stride, pad)
+    q = jnp.ones((2, 16, 1, 8))
+    got = _xla_flops(lambda q: jnp.einsum("btnd,bsnd->bnts", q, q), q)
+    assert got == 2 * 2 * 16 * 16 * 8  # one of the two attention matmuls
+    # The MINI model's conv/dense/attention terms, by hand.
+    f = unet_forward_flops(MINI, 2, 8)
+    conv3 = lambda ci, co: conv_flops(2, 8, 8, ci, co)  # noqa: E731
+    assert f["conv"] == (conv3(3, 8) + 3 * 2 * conv3(8, 8) + 2 * (conv3(16, 8) + conv3(8, 8)
+                         + 2 * 2 * 64 * 16 * 8) + conv3(8, 3))
+    assert f["attention"] == 4 * 2 * (2 * 2 * 64 * 64 * 8)  # 4 blocks x (q k^T, p v)
+
+
+def test_configs_match_diffusers():
+    torch = pytest.importorskip("torch")
+    unet_2d = pytest.importorskip("diffusers.models.unets.unet_2d")
+    from jaxdiff.interop import unet_config_from_diffusers
+
+    for cfg, n in [(DDPM_CIFAR10, 35_746_307), (SMALL, 1_113_955)]:
+        d = diffusers_config(cfg, 32)
+        back = unet_config_from_diffusers(d)
+        for key in ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "num_groups", "dropout"):
+            assert back[key] == cfg[key], key
+        with torch.device("meta"):
+            assert sum(p.numel() for p in unet_2d.UNet2DModel(**d).parameters()) == n
+
+
+def test_cli_and_helpers(monkeypatch):
+    cfg = ub.config_from_args(["--small", "--batch", "4,16", "--precision", "fp32,bf16",
+                               "--steps", "3", "--sampling-steps", "5", "--remat", "--max-batch",
+                               "--mem-budget", "2GiB", "--xla-option",
+                               "xla_llvm_disable_expensive_passes=true", "--json", "out.json"])
+    assert cfg.unet == SMALL and cfg.batches == (4, 16) and cfg.precisions == ("fp32", "bf16")
+    assert (cfg.steps, cfg.sampling_steps, cfg.remat, cfg.max_batch) == (3, 5, True, True)
+    assert cfg.mem_budget == 2 ** 31 and cfg.json == "out.json"
+    assert cfg.compiler_options == {"xla_llvm_disable_expensive_passes": True}
+    default = ub.config_from_args([])
+    assert default.unet == DDPM_CIFAR10 and default.batches == (128,)
+    with pytest.raises(SystemExit):
+        ub.config_from_args(["--precision", "fp16"])
+
+    # A failing torch.compile becomes an 'n/a' row, not a crash.
+    out, err = ub._try(lambda: 1 / 0)
+    assert out is None and err.startswith("n/a: ZeroDivisionError")
+
+    # interleave: every contender gets its calls, in alternating blocks.
+    order = []
+    times = ub.interleave({"a": lambda: order.append("a"), "b": lambda: order.append("b")},
+                          steps=4, blocks=2, pause=0.0)
+    assert order == ["a", "a", "b", "b", "a", "a", "b", "b"]
+    assert [len(v) for v in times.values()] == [4, 4]
+
+    # max-batch search on a fake memory model: 1 MiB fixed + 3 KiB per example.
+    class FakeCompiled:
+        def __init__(self, b):
+            self.b = b
+
+        def memory_analysis(self):
+            class M:
+                argument_size_in_bytes = 2 ** 20
+                output_size_in_bytes = alias_size_in_bytes = 0
+                temp_size_in_bytes = 3 * 1024 * self.b
+            return M()
+
+    class FakeJax:
+        def __init__(self, *a, **k):
+            pass
+
+        def compile_train(self, b, options=None):
+            return FakeCompiled(b), None, None, 0.0, 0.0
+
+    monkeypatch.setattr(ub, "_Jax", FakeJax)
+    mb = ub.max_batch_search(cfg, "fp32", False, budget=2 ** 20 + 3 * 1024 * 1000, start=4)
+    assert mb["max_batch"] == 1000 and mb["bytes_per_example"] == 3 * 1024
+
+
+def test_dropout_masks_equal_jax_and_flax():
+    for shape in [(2, 8, 8, 16), (3, 5, 7)]:
+        key = jax.random.key(0)
+        ours = _compile(lambda k: bernoulli(k, 0.9, shape), key)
+        ref = _compile(lambda k: jax.random.bernoulli(k, 0.9, shape), key)
+        for seed in range(3):
+            key = jax.random.key(seed)
+            np.testing.assert_array_equal(ours(key), ref(key))
+    for key in (jax.random.key(0, impl="rbg"), jax.random.PRNGKey(3)):  # fallback / raw keys
+        got = _compile(lambda k: bernoulli(k, 0.7, (5, 6)), key)(key)
+        np.testing.assert_array_equal(got, jax.random.bernoulli(key, 0.7, (5, 6)))
+
+    class Net(nn.Module):
+        cls: type
+
+        @nn.compact
+        def __call__(self, x):
+            return self.cls(0.3, deterministic=False)(x)
+
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 16))
+    key = jax.random.key(5)
+    apply = lambda cls: _compile(lambda x, k: Net(cls).apply({}, x, rngs={"dropout": k}), x, key)  # noqa: E731
+    np.testing.assert_array_equal(apply(Dropout)(x, key), apply(nn.Dropout)(x, key))
+    assert Dropout(0.3, deterministic=True).apply({}, x) is x
+
+
+@pytest.mark.parametrize("silu", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_group_norm_silu_matches_flax_and_autodiff(silu, dtype):
+    x = (2.0 * jax.random.normal(jax.random.key(2), (3, 4, 4, 16)) + 0.5).astype(dtype)
+    scale = jax.random.normal(jax.random.key(3), (16,))
+    bias = jax.random.normal(jax.random.key(4), (16,))
+
+    def ref(x, scale, bias):
+        y = nn.GroupNorm(num_groups=4, epsilon=1e-6, use_fast_variance=False,
+                         dtype=jnp.float32).apply({"params": {"scale": scale, "bias": bias}},
+                                                  x.astype(jnp.float32))
+        return nn.silu(y) if silu else y
+
+    def ours(x, scale, bias):
+        return group_norm_silu(x, scale, bias, 4, 1e-6, silu)
+
+    w = jax.random.normal(jax.random.key(5), x.shape)
+
+    def value_and_grads(f):
+        return _compile(lambda *a: (f(*a), jax.grad(lambda *b: jnp.sum(f(*b) * w),
+                                                    argnums=(0, 1, 2))(*a)),
+                        x, scale, bias)(x, scale, bias)
+
+    (y_ours, g_ours), (y_ref, g_ref) = value_and_grads(ours), value_and_grads(ref)
+    np.testing.assert_allclose(y_ours, y_ref, rtol=1e-6, atol=1e-6)
+    tol = 2e-5 if dtype == jnp.float32 else 2e-2
+    for a, b in zip(g_ours, g_ref):
+        assert a.dtype == b.dtype
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                   rtol=tol, atol=tol)
