@@ -2,6 +2,8 @@
 
     >>> ds = ImageDataset("digits", "train", batch_size=128, image_size=16, seed=0)
     >>> b = ds.batch(0)        # {'image': float32 [128, 16, 16, 1] in [-1, 1], 'label': int32 [128]}
+    >>> ImageDataset("shapes", "train", batch_size=64).batch(0)   # captioned: 'image' plus
+    ...     # 'caption' str [64] and 'shape', 'color', 'position' int32 [64]
     >>> for b in ds.iterate(start_step=saved_step): ...   # resumes exactly where a run stopped
 
 Order is a pure function of ``(seed, step)``: global example ``i = step * B + j`` belongs to epoch
@@ -13,8 +15,12 @@ Resizing: images that are not square are centre-cropped to a square, then resize
 with PIL **bicubic** (PIL antialiases when it shrinks; values are rounded and clipped to uint8).
 
 Data dir: argument, else ``$JAXDIFF_DATA_DIR``, else TFDS's default (``$TFDS_DATA_DIR`` or
-``~/tensorflow_datasets``). ``digits`` is built there on first use; any other dataset must already be
-prepared there in ``array_record`` format (nothing is ever downloaded).
+``~/tensorflow_datasets``). The embedded ``digits`` and ``shapes`` are built there on first use; any
+other dataset must already be prepared there in ``array_record`` format (nothing is ever downloaded).
+
+Annotations: batches of the datasets in ``ANNOTATIONS`` (``shapes``) also carry the features named
+there: Text features as NumPy ``str`` arrays (captions), ClassLabel features as int32. Other datasets'
+batches hold only ``image`` and ``label``. ``drop_labels`` drops them all.
 """
 from __future__ import annotations
 
@@ -29,9 +35,12 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from jaxdiff.data import digits as digits_lib
+from jaxdiff.data import shapes as shapes_lib
 
 # Datasets whose resized images take fewer bytes than this are cached in memory as they are read.
 CACHE_LIMIT_BYTES = 512 * 2**20
+# Features that batches carry besides 'image' and 'label', by dataset (Text -> str, ClassLabel -> int32).
+ANNOTATIONS = {shapes_lib.NAME: ("caption", "shape", "color", "position")}
 
 
 class DatasetNotPreparedError(FileNotFoundError):
@@ -65,7 +74,7 @@ def _not_prepared(name: str, data_dir: str, why: str) -> DatasetNotPreparedError
 
 
 def get_builder(name: str, data_dir: Optional[str] = None) -> tfds.core.DatasetBuilder:
-    """The prepared TFDS builder for ``name`` in the data dir (``digits`` is built on first use).
+    """The prepared TFDS builder for ``name`` in the data dir (``digits``, ``shapes`` are built on first use).
 
     Raises:
       DatasetNotPreparedError: the dataset is unknown, not prepared there, or not in array_record.
@@ -73,6 +82,8 @@ def get_builder(name: str, data_dir: Optional[str] = None) -> tfds.core.DatasetB
     data_dir = default_data_dir(data_dir)
     if name.split(":")[0] == digits_lib.NAME:
         return digits_lib.digits_builder(data_dir)
+    if name.split(":")[0] == shapes_lib.NAME:
+        return shapes_lib.shapes_builder(data_dir)
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
@@ -120,12 +131,20 @@ def resize_image(image: np.ndarray, size: Optional[int]) -> np.ndarray:
                      for c in range(image.shape[-1])], axis=-1)
 
 
+def _text(value) -> str:
+    value = value.item() if isinstance(value, np.ndarray) else value
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
 class ImageDataset:
     """Deterministic, resumable batches of images (and labels) from a TFDS array_record dataset.
 
     Attributes:
       num_examples: N, examples in the split.
       num_classes: classes of the ``label`` feature; None if there is none or ``drop_labels``.
+      annotation_keys: the other features a batch carries (Text as ``str``, ClassLabel as int32):
+        ``ANNOTATIONS[name]``, e.g. ``('caption', 'shape', 'color', 'position')`` for ``shapes``;
+        () for other datasets or if ``drop_labels``.
       image_shape: ``(H, W, C)`` of the images in a batch (after resizing).
     """
 
@@ -139,6 +158,9 @@ class ImageDataset:
             raise ValueError(f"image_size must be a positive int or None, got {image_size!r}.")
         if not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}.")
+        if random_flip and name.split(":")[0] == shapes_lib.NAME:
+            raise ValueError("random_flip would mirror shapes left-right away from the positions "
+                             "their captions name; use random_flip=False for 'shapes'.")
         self.name, self.split = name, split
         self.batch_size, self.image_size, self.seed = int(batch_size), image_size, int(seed)
         self.random_flip = random_flip
@@ -155,6 +177,8 @@ class ImageDataset:
         label = features["label"] if "label" in features else None
         self._has_label = label is not None and not drop_labels
         self.num_classes = getattr(label, "num_classes", None) if self._has_label else None
+        self.annotation_keys = () if drop_labels else ANNOTATIONS.get(name.split(":")[0], ())
+        self._is_text = {k: isinstance(features[k], tfds.features.Text) for k in self.annotation_keys}
 
         shape = features["image"].shape
         if image_size is not None:
@@ -169,6 +193,8 @@ class ImageDataset:
             self._images = np.empty((self.num_examples, *self.image_shape), np.uint8)
             self._labels = np.zeros((self.num_examples,), np.int32)
             self._cached = np.zeros((self.num_examples,), bool)
+            self._annotations = {k: np.empty((self.num_examples,), object if self._is_text[k] else np.int32)
+                                 for k in self.annotation_keys}
         self._perm = functools.lru_cache(maxsize=4)(self._permutation)
 
     def __repr__(self) -> str:
@@ -176,8 +202,8 @@ class ImageDataset:
                 f"image_shape={self.image_shape}, num_examples={self.num_examples}, seed={self.seed})")
 
     # -- reading -------------------------------------------------------------------------------
-    def _read(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """Reads and resizes examples ``indices`` from the source: (uint8 [n,H,W,C], int32 [n])."""
+    def _read(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """Reads and resizes examples ``indices``: (uint8 [n,H,W,C], int32 [n], annotations [n] each)."""
         examples = self._source.__getitems__([int(i) for i in indices])
         images = [resize_image(np.asarray(ex["image"]), self.image_size) for ex in examples]
         try:
@@ -185,19 +211,33 @@ class ImageDataset:
         except ValueError:
             raise ValueError(f"Images of {self.name!r} have different shapes; pass image_size=.") from None
         labels = np.asarray([ex["label"] if self._has_label else -1 for ex in examples], np.int32)
-        return images, labels
+        annotations = {k: (np.array([_text(ex[k]) for ex in examples], object) if self._is_text[k]
+                           else np.asarray([ex[k] for ex in examples], np.int32))
+                       for k in self.annotation_keys}
+        return images, labels, annotations
 
-    def examples(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Examples by index in the split: ``(uint8 [n, H, W, C], int32 [n] labels, -1 if none)``."""
+    def _examples(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         indices = np.asarray(indices, np.int64)
         if not self.cache_in_memory:
             return self._read(indices)
         missing = np.unique(indices[~self._cached[indices]])
         if missing.size:
-            images, labels = self._read(missing)
+            images, labels, annotations = self._read(missing)
             self._images[missing], self._labels[missing] = images, labels
+            for k, v in annotations.items():
+                self._annotations[k][missing] = v
             self._cached[missing] = True
-        return self._images[indices], self._labels[indices]
+        return (self._images[indices], self._labels[indices],
+                {k: v[indices] for k, v in self._annotations.items()})
+
+    def examples(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Examples by index in the split: ``(uint8 [n, H, W, C], int32 [n] labels, -1 if none)``."""
+        return self._examples(indices)[:2]
+
+    def annotations(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """The ``annotation_keys`` of examples by index: ``{key: str [n] or int32 [n]}``."""
+        return {k: (v.astype(str) if self._is_text[k] else v)
+                for k, v in self._examples(indices)[2].items()}
 
     # -- order ---------------------------------------------------------------------------------
     def _permutation(self, epoch: int) -> np.ndarray:
@@ -214,16 +254,21 @@ class ImageDataset:
         return out
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
-        """Batch ``step``: ``{'image': float32 [B, H, W, C] in [-1, 1], 'label': int32 [B]}``; pure in (seed, step)."""
+        """Batch ``step``: ``{'image': float32 [B, H, W, C] in [-1, 1], 'label': int32 [B]}``; pure in (seed, step).
+
+        Plus one ``[B]`` array per ``annotation_keys`` (``str`` for Text, int32 for ClassLabel).
+        """
         if not isinstance(step, (int, np.integer)) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}.")
-        images, labels = self.examples(self.indices(int(step)))
+        images, labels, annotations = self._examples(self.indices(int(step)))
         if self.random_flip:
             flip = np.random.Generator(np.random.PCG64([self.seed, int(step), 1])).random(self.batch_size) < 0.5
             images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
         out = {"image": images.astype(np.float32) / 127.5 - 1.0}
         if self._has_label:
             out["label"] = labels
+        for k, v in annotations.items():
+            out[k] = v.astype(str) if self._is_text[k] else v
         return out
 
     def iterate(self, start_step: int = 0, prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:

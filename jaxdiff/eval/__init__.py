@@ -1,9 +1,13 @@
-"""Evaluation: classifier-feature Frechet distance and sample quality on the embedded digits.
+"""Evaluation: classifier-feature Frechet distance and sample quality on the embedded digits;
+pixel-based prompt adherence on the embedded ``shapes`` (``jaxdiff.eval.shapes``).
 
 CLI: ``python -m jaxdiff.eval --samples samples.npz [--data_dir DIR] [--json out.json]``.
 """
 from jaxdiff.eval.classifier import Classifier, DigitsCNN, evaluate_digits, train_digits_classifier
 from jaxdiff.eval.frechet import frechet_distance, frechet_distance_from_stats, gaussian_stats
+from jaxdiff.eval import shapes
+from jaxdiff.eval.shapes import adherence as shapes_adherence
+from jaxdiff.eval.shapes import adherence_to_captions as shapes_adherence_to_captions
 
 __all__ = [
     "Classifier",
@@ -12,5 +16,8 @@ __all__ = [
     "frechet_distance",
     "frechet_distance_from_stats",
     "gaussian_stats",
+    "shapes",
+    "shapes_adherence",
+    "shapes_adherence_to_captions",
     "train_digits_classifier",
 ]
