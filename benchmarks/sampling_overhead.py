@@ -5,9 +5,10 @@
 Times (after compilation, block_until_ready, median of repeats) one jitted U-Net forward on a
 batch, and ``jaxdiff.sampling.sample`` with DDIM for N steps on the same batch, and prints the
 ratio time(N steps) / (N x time(forward)). 1.00 means the lax.scan loop adds nothing.
+For each N the forward and the sampler are timed in alternating blocks (``unet_bench.interleave``)
+so that a drift of the machine's load hits both alike.
 """
 import platform
-import time
 
 import jax
 import jax.numpy as jnp
@@ -20,14 +21,18 @@ _STEPS = flags.DEFINE_list("steps", ["25", "100"], "Sampling step counts.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats (median).")
 
 
-def _median_time(fn, repeats):
-    jax.block_until_ready(fn())  # compile + warm up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+def _timed_pair(forward, sampler, repeats, num_steps):
+    """Median seconds of one forward and of one whole sampling call, measured interleaved."""
+    from benchmarks.unet_bench import interleave
+
+    runs = {"forward": lambda: jax.block_until_ready(forward()),
+            "sample": lambda: jax.block_until_ready(sampler())}
+    for fn in runs.values():
+        fn()  # compile + warm up
+    # Per block: as many forwards as the sampler makes model calls, then one sampling call.
+    times = interleave(runs, steps=repeats * num_steps, blocks=repeats, pause=0.2,
+                       calls={"sample": 1})
+    return float(np.median(times["forward"])), float(np.median(times["sample"]))
 
 
 def main(argv):
@@ -42,16 +47,17 @@ def main(argv):
     fn = model.label_model_fn if model.conditional else model.uncond_model_fn
     forward = jax.jit(lambda x, t, extra: fn(x, t, **extra))
     t = jnp.full((B,), 500.0, jnp.float32)
-    t_fwd = _median_time(lambda: forward(x, t, extra), _REPEATS.value * 4)
     print(f"machine: {platform.processor() or platform.machine()}, {jax.devices()[0].device_kind}, "
-          f"jax {jax.__version__}; batch {B}, image {model.image_shape}")
-    print(f"one forward: {t_fwd * 1e3:.2f} ms")
-    print("| steps | N x forward (ms) | sample() (ms) | ratio |")
-    print("| --- | --- | --- | --- |")
+          f"jax {jax.__version__}; batch {B}, image {model.image_shape}; median of {_REPEATS.value}")
+    print("| steps | one forward (ms) | N x forward (ms) | sample() (ms) | ratio |")
+    print("| --- | --- | --- | --- | --- |")
     for n in map(int, _STEPS.value):
-        t_s = _median_time(lambda: sampling.sample(fn, run.schedule, x, method="ddim", num_steps=n,
-                                                   extra_args=extra), _REPEATS.value)
-        print(f"| {n} | {n * t_fwd * 1e3:.1f} | {t_s * 1e3:.1f} | {t_s / (n * t_fwd):.3f} |")
+        t_fwd, t_s = _timed_pair(
+            lambda: forward(x, t, extra),
+            lambda: sampling.sample(fn, run.schedule, x, method="ddim", num_steps=n, extra_args=extra),
+            _REPEATS.value, n)
+        print(f"| {n} | {t_fwd * 1e3:.1f} | {n * t_fwd * 1e3:.1f} | {t_s * 1e3:.1f} | "
+              f"{t_s / (n * t_fwd):.3f} |", flush=True)
 
 
 if __name__ == "__main__":
