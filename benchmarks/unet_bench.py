@@ -4,6 +4,17 @@
     python -m benchmarks.unet_bench                              # GPU: DDPM CIFAR-10, batch 128
     python -m benchmarks.unet_bench --small --batch 4,16 --precision fp32,bf16 --remat \\
         --max-batch --mem-budget 2GiB --json out.json
+    python -m benchmarks.unet_bench --model cond --small         # CPU: SD-like 2.2M, 16x16x4, b4
+    python -m benchmarks.unet_bench --model cond --precision bf16  # GPU: SD 1.5 U-Net, batch 8
+
+``--model cond`` benchmarks the latent text-to-image U-Net instead: jaxdiff's
+``jaxdiff.nn.unet_cond.UNetCondition`` against diffusers' ``UNet2DConditionModel``, both built
+from one diffusers config (``benchmarks.unet_configs.COND_SMALL`` / ``SD15``), on random
+latents and a random text context [B, 77, cross_attention_dim] (the same tensor every step),
+with SD's scaled-linear schedule; everything else below applies unchanged, except that there is
+no analytic FLOP count (XLA's count only). On a GPU both frameworks hold an SD-sized train
+state (4 x 3.4 GB fp32) in one process, so for ``--model cond`` the CLI turns off JAX's
+preallocation of 75% of the GPU (``XLA_PYTHON_CLIENT_PREALLOCATE=false``, unless set).
 
 One run measures, for each batch size and precision:
   train   jaxdiff: the real ``jaxdiff.train.step.make_train_step`` (AdamW + clip + EMA +
@@ -38,7 +49,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from benchmarks.unet_configs import DDPM_CIFAR10, SMALL, diffusers_config, unet_forward_flops
+from benchmarks.unet_configs import (COND_SMALL, DDPM_CIFAR10, SD15, SMALL, diffusers_config,
+                                     unet_forward_flops)
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -64,6 +76,11 @@ class BenchConfig:
     compiler_options: dict = dataclasses.field(default_factory=dict)
     matmul_peak: bool = True
     name: str = "custom"
+    # "uncond": jaxdiff.nn.UNet vs UNet2DModel, ``unet`` = UNet kwargs. "cond": UNetCondition vs
+    # UNet2DConditionModel, ``unet`` = UNet2DConditionModel kwargs (see unet_configs.SD15);
+    # image_size / channels are then the latent's, the context is [B, context_len, D].
+    model: str = "uncond"
+    context_len: int = 77
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -235,6 +252,21 @@ class _Jax:
         shape = (batch, self.cfg.image_size, self.cfg.image_size, self.cfg.channels)
         return jax.random.uniform(jax.random.key(seed), shape, minval=-1.0, maxval=1.0)
 
+    # What differs between the models: the conditioning, and how the network is called.
+    def _cond(self, batch: int) -> dict:
+        """Conditioning inputs of a batch (in the train batch, and the forward's arguments)."""
+        return {}
+
+    def _train_apply_fn(self):
+        return self.model.train_apply_fn()
+
+    def _apply(self, params, x, t, cond):
+        return self.model.apply(params, x, t)
+
+    def _sampler_fn(self, cond):
+        """(model_fn, extra_args) for ``jaxdiff.sampling.sample``."""
+        return self.model.uncond_model_fn, {"params": self.params}
+
     def compile_train(self, batch: int, compiler_options: dict | None = None):
         import jax
 
@@ -242,8 +274,8 @@ class _Jax:
 
         opt = make_optimizer(learning_rate=2e-4)
         state = create_train_state(jax.tree.map(lambda a: a.copy(), self.params), opt)
-        step = make_train_step(self.model.train_apply_fn(), opt, self.schedule, seed=0)
-        data = {"image": self._image(batch)}
+        step = make_train_step(self._train_apply_fn(), opt, self.schedule, seed=0)
+        data = {"image": self._image(batch), **self._cond(batch)}
         t0 = time.perf_counter()
         lowered = jax.jit(step, donate_argnums=0).lower(state, data)
         t1 = time.perf_counter()
@@ -275,15 +307,16 @@ class _Jax:
 
         x = self._image(batch, 2)
         t = jnp.full((batch,), 500.0, jnp.float32)
-        fn = jax.jit(lambda p, x, t: self.model.apply(p, x, t))
+        cond = self._cond(batch)
+        fn = jax.jit(self._apply)
         t0 = time.perf_counter()
-        lowered = fn.lower(self.params, x, t)
+        lowered = fn.lower(self.params, x, t, cond)
         t1 = time.perf_counter()
         compiled = lowered.compile(self.cfg.compiler_options or None)
         t2 = time.perf_counter()
 
         def run():
-            jax.block_until_ready(compiled(self.params, x, t))
+            jax.block_until_ready(compiled(self.params, x, t, cond))
 
         for _ in range(self.cfg.warmup):
             run()
@@ -298,11 +331,12 @@ class _Jax:
         from jaxdiff import sampling
 
         x_T = jax.random.normal(jax.random.key(3), self._image(batch).shape)
+        model_fn, extra_args = self._sampler_fn(self._cond(batch))
 
         def run():
             jax.block_until_ready(sampling.sample(
-                self.model.uncond_model_fn, self.schedule, x_T, method="ddim",
-                num_steps=num_steps, extra_args={"params": self.params}))
+                model_fn, self.schedule, x_T, method="ddim", num_steps=num_steps,
+                extra_args=extra_args))
 
         t0 = time.perf_counter()
         run()
@@ -310,6 +344,62 @@ class _Jax:
         t0 = time.perf_counter()
         run()
         return dict(run=run, first_call_s=first, second_call_s=time.perf_counter() - t0)
+
+
+class _JaxCond(_Jax):
+    """The same programs for ``jaxdiff.nn.unet_cond.UNetCondition`` on latents and a text
+    context; the train step is still the real ``make_train_step``, its apply_fn takes the
+    context from the batch."""
+
+    def __init__(self, cfg: BenchConfig, precision: str, remat: bool = False):
+        import jax
+        import jax.numpy as jnp
+
+        from jaxdiff.interop import unet2d_condition_config_from_diffusers
+        from jaxdiff.nn.unet_cond import UNetCondition
+        from jaxdiff.schedules import make_schedule
+
+        self.cfg, self.precision, self.remat = cfg, precision, remat
+        dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[precision]
+        kwargs = unet2d_condition_config_from_diffusers(cfg.unet)
+        self.module = UNetCondition(**kwargs, dtype=dtype, remat=remat)
+        self.context_dim = kwargs["cross_attention_dim"]
+        self.schedule = make_schedule("scaled_linear", 1000)
+        x = jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.channels), jnp.float32)
+        ctx = jnp.zeros((1, cfg.context_len, self.context_dim), jnp.float32)
+        shapes = jax.eval_shape(self.module.init, jax.random.key(0), x, jnp.zeros((1,)), ctx)
+        self.params = bench_params(shapes["params"])
+        self.n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(self.params))
+        module = self.module
+
+        def model_fn(x_t, t, *, params, context):  # defined once: the sampler's jit cache key
+            return module.apply({"params": params}, x_t, t, context)
+
+        self._model_fn = model_fn
+
+    def _cond(self, batch: int) -> dict:
+        import jax
+        shape = (batch, self.cfg.context_len, self.context_dim)
+        return {"context": jax.random.normal(jax.random.key(4), shape)}
+
+    def _train_apply_fn(self):
+        module = self.module
+
+        def apply_fn(params, x_t, t, batch, key):
+            return module.apply({"params": params}, x_t, t, batch["context"], train=True,
+                                rngs={"dropout": key})
+
+        return apply_fn
+
+    def _apply(self, params, x, t, cond):
+        return self.module.apply({"params": params}, x, t, cond["context"])
+
+    def _sampler_fn(self, cond):
+        return self._model_fn, {"params": self.params, "context": cond["context"]}
+
+
+def _jax_cls(cfg: BenchConfig):
+    return {"uncond": _Jax, "cond": _JaxCond}[cfg.model]
 
 
 def matmul_peak(dtype_name: str, n: int, repeats: int = 5) -> float:
@@ -339,7 +429,7 @@ def max_batch_search(cfg: BenchConfig, precision: str, remat: bool, budget: int,
     """
     fast = {**cfg.compiler_options, "xla_llvm_disable_expensive_passes": True,
             "xla_backend_optimization_level": 0}
-    j = _Jax(cfg, precision, remat)
+    j = _jax_cls(cfg)(cfg, precision, remat)
     probes: dict[int, int] = {}
 
     def mem(b):
@@ -381,25 +471,37 @@ def max_batch_search(cfg: BenchConfig, precision: str, remat: bool, budget: int,
 
 # ----------------------------------------------------------------------------- diffusers side
 class _Torch:
+    schedule = "linear"  # betas of jaxdiff.schedules.make_schedule(schedule, 1000)
+
     def __init__(self, cfg: BenchConfig):
         import torch
-        from diffusers import UNet2DModel
+
+        from jaxdiff.schedules import betas_np
 
         self.torch = torch
         self.cfg = cfg
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         torch.manual_seed(0)
-        self.model = UNet2DModel(**diffusers_config(cfg.unet, cfg.image_size, cfg.channels))
+        self.model = self._build()
         self.model.to(self.device)
         self.n_params = sum(p.numel() for p in self.model.parameters())
         self.params = list(self.model.parameters())
         self.ema = [p.detach().clone() for p in self.params]
         self.opt = torch.optim.AdamW(self.params, lr=2e-4, betas=(0.9, 0.999), eps=1e-8,
                                      weight_decay=0.0, foreach=True)
-        betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)
+        betas = betas_np(self.schedule, 1000)
         self.alphas_cumprod = torch.tensor(np.cumprod(1.0 - betas), dtype=torch.float32,
                                            device=self.device)
         self._compiled = None
+
+    def _build(self):
+        from diffusers import UNet2DModel
+        c = self.cfg
+        return UNet2DModel(**diffusers_config(c.unet, c.image_size, c.channels))
+
+    def _cond(self, batch: int) -> dict:
+        """Keyword arguments of the network call besides (x_t, t)."""
+        return {}
 
     def _sync(self):
         if self.device == "cuda":
@@ -466,6 +568,7 @@ class _Torch:
         torch = self.torch
         c, s = self.cfg.channels, self.cfg.image_size
         x0 = torch.rand(batch, c, s, s, device=self.device) * 2 - 1
+        cond = self._cond(batch)
         self.model.train()
         net = self._net(compiled)
 
@@ -475,7 +578,7 @@ class _Torch:
             a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
             x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
             with self._autocast(precision):
-                pred = net(x_t, t).sample
+                pred = net(x_t, t, **cond).sample
             loss = torch.nn.functional.mse_loss(pred.float(), eps)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.params, 1.0, foreach=True)
@@ -492,16 +595,36 @@ class _Torch:
         c, s = self.cfg.channels, self.cfg.image_size
         x = torch.rand(batch, c, s, s, device=self.device) * 2 - 1
         t = torch.full((batch,), 500, device=self.device, dtype=torch.long)
+        cond = self._cond(batch)
         net = self._net(compiled)
 
         def run():
             self.model.eval()
             with torch.inference_mode(), self._autocast(precision):
-                net(x, t)
+                net(x, t, **cond)
             self._sync()
             self.model.train()
 
         return self._prepare(run, self.cfg.warmup, train=False)
+
+
+class _TorchCond(_Torch):
+    """diffusers ``UNet2DConditionModel`` of the same config, called with
+    ``encoder_hidden_states`` = a random text context [B, context_len, cross_attention_dim]."""
+    schedule = "scaled_linear"
+
+    def _build(self):
+        from diffusers import UNet2DConditionModel
+        return UNet2DConditionModel(**self.cfg.unet)
+
+    def _cond(self, batch: int) -> dict:
+        d = self.model.config.cross_attention_dim
+        ctx = self.torch.randn(batch, self.cfg.context_len, d, device=self.device)
+        return {"encoder_hidden_states": ctx}
+
+
+def _torch_cls(cfg: BenchConfig):
+    return {"uncond": _Torch, "cond": _TorchCond}[cfg.model]
 
 
 # ----------------------------------------------------------------------------- the run
@@ -553,15 +676,24 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     torch_side = None
     if cfg.torch:
         try:
-            torch_side = _Torch(cfg)
+            torch_side = _torch_cls(cfg)(cfg)
         except ImportError as e:
             notes.append(f"torch/diffusers unavailable: {e}")
-    result["analytic_forward_flops"] = {
-        b: unet_forward_flops(cfg.unet, b, cfg.image_size, cfg.channels)["total"]
-        for b in cfg.batches}
+    if cfg.model == "uncond":
+        result["model"] = "jaxdiff.nn.UNet vs diffusers UNet2DModel"
+        result["analytic_forward_flops"] = {
+            b: unet_forward_flops(cfg.unet, b, cfg.image_size, cfg.channels)["total"]
+            for b in cfg.batches}
+    else:
+        from jaxdiff.interop import unet2d_condition_config_from_diffusers
+        d = unet2d_condition_config_from_diffusers(cfg.unet)["cross_attention_dim"]
+        result["model"] = (
+            f"jaxdiff.nn.unet_cond.UNetCondition vs diffusers UNet2DConditionModel; latents "
+            f"[B, {cfg.image_size}, {cfg.image_size}, {cfg.channels}], text context "
+            f"[B, {cfg.context_len}, {d}]")
 
     for precision in cfg.precisions:
-        j = _Jax(cfg, precision)
+        j = _jax_cls(cfg)(cfg, precision)
         result.setdefault("params", {})["jaxdiff"] = j.n_params
         if torch_side is not None:
             result["params"]["diffusers"] = torch_side.n_params
@@ -589,7 +721,7 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
                              jt["mem"], "XLA estimate", compile_s=jt["compile_s"]))
             if cfg.remat:
                 log(f"# {precision} batch {b}: compiling the jaxdiff train step, remat ...")
-                jr = _Jax(cfg, precision, remat=True).train(b)
+                jr = _jax_cls(cfg)(cfg, precision, remat=True).train(b)
                 compiles.append(dict(program=f"train step {precision} remat b{b}",
                                      lower_s=jr["lower_s"], compile_s=jr["compile_s"]))
                 tr = interleave({"remat": jr["run"]}, cfg.steps, 1, cfg.pause)["remat"]
@@ -702,6 +834,8 @@ def format_table(result: dict) -> str:
     ]
     if info.get("XLA_FLAGS"):
         lines.append(f"XLA_FLAGS={info['XLA_FLAGS']}")
+    if result.get("model"):
+        lines.append(f"model: {result['model']} (config {result['config'].get('name')})")
     p = result.get("params", {})
     lines.append("parameters: " + ", ".join(f"{k} {v:,}" for k, v in p.items()))
     head = ("task", "impl", "variant", "batch", "ms/step", "min ms", "img/s", "TFLOP/s",
@@ -771,9 +905,15 @@ def _parse_options(items) -> dict:
 
 def config_from_args(argv=None) -> BenchConfig:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=("uncond", "cond"), default="uncond",
+                    help="uncond: jaxdiff.nn.UNet vs UNet2DModel (pixels); cond: the latent "
+                         "text-to-image jaxdiff.nn.unet_cond.UNetCondition vs "
+                         "UNet2DConditionModel with a [B, 77, D] text context")
     ap.add_argument("--small", action="store_true",
-                    help="1.1M-parameter U-Net (ch 32, ch_mult 1,2,2, 1 res block, attention at "
-                         "8x8), batch 4: for a CPU. Default: DDPM CIFAR-10 (35.7M), batch 128.")
+                    help="for a CPU, batch 4: uncond: 1.1M-parameter U-Net (ch 32, ch_mult 1,2,2, "
+                         "1 res block, attention at 8x8); cond: SD-like 2.2M (16x16x4 latents, "
+                         "channels 32,64,64, context dim 64). Default: DDPM CIFAR-10 (35.7M), "
+                         "batch 128; cond: the SD 1.5 U-Net (859.5M, 64x64x4), batch 8.")
     ap.add_argument("--batch", help="comma-separated batch sizes")
     ap.add_argument("--precision", default="fp32", help="comma-separated: fp32,bf16")
     ap.add_argument("--steps", type=int, default=10, help="timed calls per measurement")
@@ -800,14 +940,21 @@ def config_from_args(argv=None) -> BenchConfig:
     for p in a.precision.split(","):
         if p not in PRECISIONS:
             ap.error(f"--precision: {p!r} is not one of {PRECISIONS}")
-    batches = tuple(int(b) for b in a.batch.split(",")) if a.batch else ((4,) if a.small else (128,))
+    if a.model == "cond":
+        unet, name, default_batch = (COND_SMALL, "cond_small", 4) if a.small else (SD15, "sd15", 8)
+        shape = dict(image_size=unet["sample_size"], channels=unet["in_channels"])
+    else:
+        unet, name, default_batch = ((SMALL, "small", 4) if a.small
+                                     else (DDPM_CIFAR10, "ddpm_cifar10", 128))
+        shape = {}
+    batches = tuple(int(b) for b in a.batch.split(",")) if a.batch else (default_batch,)
     cfg = BenchConfig(
-        unet=dict(SMALL if a.small else DDPM_CIFAR10), batches=batches,
+        unet=dict(unet), batches=batches, **shape,
         precisions=tuple(a.precision.split(",")), steps=a.steps, warmup=a.warmup,
         sampling_steps=a.sampling_steps, torch=not a.no_torch, blocks=a.blocks,
         torch_compile=not a.no_torch_compile, remat=a.remat, max_batch=a.max_batch,
         mem_budget=a.mem_budget, compiler_options=_parse_options(a.xla_option),
-        matmul_peak=not a.no_matmul_peak, name="small" if a.small else "ddpm_cifar10")
+        matmul_peak=not a.no_matmul_peak, name=name, model=a.model)
     cfg.json = a.json  # type: ignore[attr-defined]
     if a.torch_threads:
         import torch
@@ -817,6 +964,10 @@ def config_from_args(argv=None) -> BenchConfig:
 
 def main(argv=None) -> dict:
     cfg = config_from_args(argv)
+    if cfg.model == "cond" and cfg.torch:
+        # Two SD-sized train states in one process: JAX must not take 75% of the GPU up front.
+        # (Read when JAX starts its backend, i.e. at the first jax call below; no effect on CPU.)
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     result = run(cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
     print(format_table(result))
     out = getattr(cfg, "json", None)

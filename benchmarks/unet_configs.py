@@ -1,4 +1,5 @@
-"""U-Net benchmark configurations, their diffusers ``UNet2DModel`` twins, and an analytic FLOP count.
+"""U-Net benchmark configurations, their diffusers ``UNet2DModel`` twins, and an analytic FLOP count
+(of the unconditional U-Net; the text-conditioned configs rely on XLA's count).
 
 Everything here is plain Python (no JAX, no torch), so that the FLOP count is independent of
 XLA's ``cost_analysis`` that the benchmark reports.
@@ -13,6 +14,32 @@ DDPM_CIFAR10 = dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolut
 # A small model for a 2-core CPU: 1,113,955 parameters, 32x32x3, batch 4.
 SMALL = dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), num_groups=8,
              dropout=0.1)
+
+# Latent text-to-image U-Nets (``--model cond``), written as diffusers ``UNet2DConditionModel``
+# keyword arguments: the torch side is built from them as they are, the jaxdiff side
+# (``jaxdiff.nn.unet_cond.UNetCondition``) from the same dict through
+# ``jaxdiff.interop.unet2d_condition_config_from_diffusers``. ``sample_size`` x ``sample_size``
+# x ``in_channels`` is the latent the benchmark feeds; the text context is [B, 77,
+# cross_attention_dim].
+# Stable Diffusion 1.5's unet/config.json: 859,520,964 parameters, 64x64x4 latents (512 px).
+SD15 = dict(
+    sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                      "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                    "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, norm_eps=1e-5,
+    downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, act_fn="silu",
+    center_input_sample=False, mid_block_scale_factor=1)
+# An SD-like model for a 2-core CPU: 2,199,268 parameters, 16x16x4 latents, batch 4. SD's layout
+# on three levels (cross-attention at the two finer levels and in the middle, 2 ResBlocks per
+# level), 4 heads, a 64-wide context.
+COND_SMALL = dict(
+    SD15, sample_size=16, block_out_channels=(32, 64, 64),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=64, attention_head_dim=4)
 
 
 def diffusers_config(unet: Mapping[str, Any], image_size: int, channels: int = 3) -> dict:

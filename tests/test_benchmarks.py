@@ -11,14 +11,25 @@ import numpy as np
 import pytest
 
 from benchmarks import unet_bench as ub
-from benchmarks.unet_configs import (DDPM_CIFAR10, SMALL, conv_flops, diffusers_config,
-                                     unet_forward_flops)
+from benchmarks.unet_configs import (COND_SMALL, DDPM_CIFAR10, SD15, SMALL, conv_flops,
+                                     diffusers_config, unet_forward_flops)
 from jaxdiff.nn.layers import Dropout, bernoulli, group_norm_silu
 
 FAST_COMPILE = {"xla_llvm_disable_expensive_passes": True, "xla_backend_optimization_level": 0}
 # One level (8x8, with attention), one res block: the smallest U-Net with every layer kind but
 # the resamplers (their FLOP formulas are checked layer by layer below).
 MINI = dict(ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(8,), num_groups=4, dropout=0.1)
+# The text-conditioned U-Net (--model cond) at its smallest, as diffusers UNet2DConditionModel
+# kwargs: one 8x8 level, one cross-attention transformer (down block), no middle block: three
+# ResBlocks in all. (The model itself is checked against diffusers in tests/test_unet_cond.py;
+# here every extra block costs seconds of XLA compile.)
+MINI_COND = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8,),
+                 layers_per_block=1, down_block_types=("CrossAttnDownBlock2D",),
+                 up_block_types=("UpBlock2D",), mid_block_type=None, cross_attention_dim=8,
+                 attention_head_dim=2, norm_num_groups=4)
+ROWS = [("train", "jaxdiff", "fp32", 2), ("train", "diffusers", "fp32 eager", 2),
+        ("sample", "jaxdiff", "fp32 forward", 2), ("sample", "jaxdiff", "fp32 ddim x2, per step", 2),
+        ("sample", "diffusers", "fp32 eager forward", 2)]
 
 
 def _compile(fn, *args):
@@ -29,22 +40,23 @@ def _xla_flops(fn, *args):
     return ub._cost_flops(_compile(fn, *args))
 
 
-@pytest.fixture(scope="module")
-def result():
+def _tiny_run(**kwargs):
     pytest.importorskip("torch")
     pytest.importorskip("diffusers")
-    cfg = ub.BenchConfig(unet=MINI, image_size=8, batches=(2,), precisions=("fp32",), steps=2,
+    cfg = ub.BenchConfig(**kwargs, batches=(2,), precisions=("fp32",), steps=2,
                          warmup=1, sampling_steps=2, sampling_repeats=1, blocks=2, pause=0.0,
                          torch_compile=False, matmul_peak=False, compiler_options=FAST_COMPILE)
     return ub.run(cfg, log=lambda s: None)
 
 
+@pytest.fixture(scope="module")
+def result():
+    return _tiny_run(unet=MINI, image_size=8)
+
+
 def test_table_rows_and_flops(result):
     rows = {(r["task"], r["impl"], r["variant"], r["batch"]): r for r in result["rows"]}
-    assert list(rows) == [
-        ("train", "jaxdiff", "fp32", 2), ("train", "diffusers", "fp32 eager", 2),
-        ("sample", "jaxdiff", "fp32 forward", 2), ("sample", "jaxdiff", "fp32 ddim x2, per step", 2),
-        ("sample", "diffusers", "fp32 eager forward", 2)]
+    assert list(rows) == ROWS
     for r in rows.values():
         assert r["ms"] > 0 and r["images_per_s"] > 0 and r["flops"] > 0 and r["tflops"] > 0
         assert r["speed_vs_diffusers"] > 0
@@ -66,6 +78,26 @@ def test_table_rows_and_flops(result):
     for variant in ("fp32 eager", "fp32 ddim x2, per step", "vs 2 x forward", "parameters:",
                     "compile (jaxdiff): train step fp32 b2"):
         assert variant in text
+
+
+def test_cond_model_rows():
+    """--model cond: UNetCondition (real train step, context from the batch) vs
+    UNet2DConditionModel, the same rows and machinery; FLOPs from XLA only."""
+    result = _tiny_run(unet=MINI_COND, model="cond", image_size=8, channels=4, context_len=5)
+    rows = {(r["task"], r["impl"], r["variant"], r["batch"]): r for r in result["rows"]}
+    assert list(rows) == ROWS
+    for r in rows.values():
+        assert r["ms"] > 0 and r["flops"] > 0 and r["speed_vs_diffusers"] > 0
+    assert result["params"]["jaxdiff"] == result["params"]["diffusers"]
+    train, fwd = rows["train", "jaxdiff", "fp32", 2], rows["sample", "jaxdiff", "fp32 forward", 2]
+    assert rows["train", "diffusers", "fp32 eager", 2]["flops"] == train["flops"]
+    assert 2.5 * fwd["flops"] <= train["flops"] <= 6 * fwd["flops"]
+    assert train["mem_bytes"] > 0 and fwd["mem_bytes"] > 0
+    assert "analytic_forward_flops" not in result
+    text = ub.format_table(result)
+    for s in ("UNetCondition vs diffusers UNet2DConditionModel", "text context [B, 5, 8]",
+              "fp32 ddim x2, per step", "parameters: jaxdiff"):
+        assert s in text
 
 
 def test_layer_flop_formulas_equal_xla():
@@ -101,6 +133,22 @@ def test_configs_match_diffusers():
         with torch.device("meta"):
             assert sum(p.numel() for p in unet_2d.UNet2DModel(**d).parameters()) == n
 
+    # The text-conditioned configs: one diffusers config builds both sides.
+    from diffusers import UNet2DConditionModel
+
+    from jaxdiff.interop import unet2d_condition_config_from_diffusers
+    from jaxdiff.interop.unet2d_cond import expected_param_shapes
+    from jaxdiff.nn.unet_cond import UNetCondition
+
+    kwargs = unet2d_condition_config_from_diffusers(COND_SMALL)
+    with torch.device("meta"):
+        n_torch = sum(p.numel() for p in UNet2DConditionModel(**COND_SMALL).parameters())
+    n_ours = sum(int(np.prod(s)) for s in expected_param_shapes(kwargs).values())
+    assert n_ours == n_torch == 2_199_268
+    # SD15 is the SD 1.x U-Net: UNetCondition's defaults (859,520,964 parameters, as
+    # tests/test_unet_cond.py checks against diffusers).
+    assert UNetCondition(**unet2d_condition_config_from_diffusers(SD15)) == UNetCondition()
+
 
 def test_cli_and_helpers(monkeypatch):
     cfg = ub.config_from_args(["--small", "--batch", "4,16", "--precision", "fp32,bf16",
@@ -115,6 +163,12 @@ def test_cli_and_helpers(monkeypatch):
     assert default.unet == DDPM_CIFAR10 and default.batches == (128,)
     with pytest.raises(SystemExit):
         ub.config_from_args(["--precision", "fp16"])
+    cond = ub.config_from_args(["--model", "cond", "--small", "--no-torch-compile"])
+    assert (cond.model, cond.unet, cond.batches, cond.image_size, cond.channels) == (
+        "cond", COND_SMALL, (4,), 16, 4)
+    sd = ub.config_from_args(["--model", "cond", "--batch", "2"])
+    assert (sd.unet, sd.batches, sd.image_size, sd.name) == (SD15, (2,), 64, "sd15")
+    assert default.model == "uncond" and cfg.model == "uncond"
 
     # A failing torch.compile becomes an 'n/a' row, not a crash.
     out, err = ub._try(lambda: 1 / 0)
