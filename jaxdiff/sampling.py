@@ -273,7 +273,8 @@ def sample_ddpm(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, *, num_st
 def sample_ddim(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, *, num_steps: int, key=None,
                 eta: float = 0.0, prediction: str = "eps", timestep_spacing: str = "leading", steps_offset: int = 0,
                 clip_x0: float | None = None, dynamic_threshold=None,
-                extra_args: Mapping[str, Any] | None = None, return_trajectory: bool = False):
+                extra_args: Mapping[str, Any] | None = None, return_trajectory: bool = False,
+                final_alpha_cumprod: float | None = None):
     """DDIM (Song et al. 2021, eq. 12 and 16); ``eta = 0`` is deterministic, ``eta = 1`` is DDPM-like.
 
     ``sigma_eta = eta sqrt((1 - alpha_bar_prev) / (1 - alpha_bar) (1 - alpha_bar / alpha_bar_prev))``.
@@ -282,15 +283,20 @@ def sample_ddim(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, *, num_st
     same for ``"leading"`` and for ``"trailing"`` when num_steps divides T, but not for ``"linspace"``.
     When x0 is clipped or thresholded, eps is recomputed from it (diffusers'
     ``use_clipped_model_output=True``). ``key`` is required when ``eta > 0``.
+    ``final_alpha_cumprod``: the alpha_bar the last step goes to; None = 1 (clean data). Stable
+    Diffusion's scheduler configs say ``set_alpha_to_one=False``: pass ``alphas_cumprod[0]``.
     """
     ab, T = _check(schedule, x_T, num_steps, prediction, timestep_spacing, "ddim")
+    final = 1.0 if final_alpha_cumprod is None else float(final_alpha_cumprod)
+    if not 0.0 < final <= 1.0:
+        raise ValueError(f"final_alpha_cumprod must be in (0, 1], got {final_alpha_cumprod}.")
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}.")
     if eta > 0:
         _need_key(key, "ddim with eta > 0")
     t = np.round(timesteps(T, num_steps, timestep_spacing, steps_offset)).astype(np.int64)
     alpha_bar = ab[t]
-    alpha_bar_prev = np.append(ab[t[1:]], 1.0)
+    alpha_bar_prev = np.append(ab[t[1:]], final)
     sigma_eta = eta * np.sqrt((1.0 - alpha_bar_prev) / (1.0 - alpha_bar) * (1.0 - alpha_bar / alpha_bar_prev))
     consts = dict(
         t=t, alpha=np.sqrt(alpha_bar), sigma=np.sqrt(1.0 - alpha_bar), alpha_prev=np.sqrt(alpha_bar_prev),
@@ -392,7 +398,7 @@ def sample(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, *, method: str
            key: jax.Array | None = None, prediction: str = "eps", timestep_spacing: str | None = None,
            steps_offset: int = 0, eta: float = 0.0, variance: str = "fixed_small", use_karras_sigmas: bool = False,
            clip_x0: float | None = None, dynamic_threshold=None, extra_args: Mapping[str, Any] | None = None,
-           return_trajectory: bool = False):
+           return_trajectory: bool = False, final_alpha_cumprod: float | None = None):
     """Draw x_0 ``[B, ...]`` float32 from standard normal noise ``x_T: [B, ...]``.
 
     Args:
@@ -412,6 +418,8 @@ def sample(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, *, method: str
       extra_args: pytree of keyword arguments for ``model_fn`` (params, labels, guidance scale);
         traced, so new values do not recompile.
       return_trajectory: also return x after every step, ``[N, B, ...]``.
+      final_alpha_cumprod: ddim only: where the last step lands (None: clean data; Stable
+        Diffusion's ``set_alpha_to_one=False`` means ``alphas_cumprod[0]``).
     """
     if method not in SAMPLERS:
         raise ValueError(f"Unknown sampling method {method!r}; choose one of {METHODS}.")
@@ -419,6 +427,8 @@ def sample(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, *, method: str
         raise ValueError(f"eta applies to ddim only, not {method}.")
     if variance != "fixed_small" and method != "ddpm":
         raise ValueError(f"variance applies to ddpm only, not {method}.")
+    if final_alpha_cumprod is not None and method != "ddim":
+        raise ValueError(f"final_alpha_cumprod applies to ddim only, not {method}.")
     if use_karras_sigmas and method not in KARRAS_METHODS:
         raise ValueError(f"use_karras_sigmas applies to {KARRAS_METHODS}, not {method}.")
     kwargs = dict(num_steps=num_steps, key=key, prediction=prediction,
@@ -429,6 +439,7 @@ def sample(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, *, method: str
         kwargs["variance"] = variance
     elif method == "ddim":
         kwargs["eta"] = eta
+        kwargs["final_alpha_cumprod"] = final_alpha_cumprod
     else:
         kwargs["use_karras_sigmas"] = use_karras_sigmas
     return SAMPLERS[method](model_fn, schedule, x_T, **kwargs)

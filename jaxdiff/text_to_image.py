@@ -44,7 +44,7 @@ from jaxdiff.interop.vae import load_diffusers_vae
 from jaxdiff.nn.text import CLIPTextTransformer
 from jaxdiff.nn.unet_cond import UNetCondition
 from jaxdiff.nn.vae import AutoencoderKL
-from jaxdiff.schedules import Schedule, betas_np, rescale_zero_terminal_snr, schedule_from_betas, timesteps
+from jaxdiff.schedules import Schedule, betas_np, rescale_zero_terminal_snr, schedule_from_betas
 from jaxdiff.tokenizers import CLIPTokenizer
 
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -343,7 +343,7 @@ class _Spec:
     use_karras_sigmas: bool
     guided: bool
     clip_skip: int
-    final_alpha: Optional[tuple]  # DDIM with set_alpha_to_one=False: (alpha_bar[t_last], alpha_bar[0])
+    final_alpha: Optional[float]  # DDIM with set_alpha_to_one=False: alpha_bar[0]
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
@@ -368,16 +368,9 @@ def _generate(params, ids, mask, latents, guidance_scale, key, *, spec: _Spec):
         kwargs["dynamic_threshold"] = cfg.thresholding
     if spec.use_karras_sigmas:
         kwargs["use_karras_sigmas"] = True
-    if spec.final_alpha is None:
-        z = sampling.sample(model_fn, build_schedule(cfg), latents, **kwargs)
-    else:
-        # diffusers' DDIM with set_alpha_to_one=False: the last step goes to alpha_bar[0], not to
-        # clean data. Ours ends on x0; recover that step's eps from its input and redo it.
-        x0, traj = sampling.sample(model_fn, build_schedule(cfg), latents, return_trajectory=True, **kwargs)
-        x_in = traj[-2] if spec.num_steps > 1 else latents.astype(jnp.float32)
-        ab_t, ab_final = spec.final_alpha
-        eps = (x_in - np.float32(np.sqrt(ab_t)) * x0) / np.float32(np.sqrt(1.0 - ab_t))
-        z = np.float32(np.sqrt(ab_final)) * x0 + np.float32(np.sqrt(1.0 - ab_final)) * eps
+    if spec.final_alpha is not None:  # DDIM with set_alpha_to_one=False (SD 1.x)
+        kwargs["final_alpha_cumprod"] = spec.final_alpha
+    z = sampling.sample(model_fn, build_schedule(cfg), latents, **kwargs)
     z = z / jnp.float32(spec.vae.scaling_factor)
     if spec.vae.shift_factor is not None:
         z = z + jnp.float32(spec.vae.shift_factor)
@@ -436,9 +429,7 @@ def text_to_image(sd: StableDiffusion, prompts: Union[str, Sequence[str]], *, ke
         raise ValueError(f"num_steps must be an integer in [1, {cfg.num_train_timesteps}], got {num_steps!r}")
     final_alpha = None
     if method == "ddim" and not cfg.set_alpha_to_one:
-        ab = np.asarray(sd.schedule.alphas_cumprod, np.float64)
-        t_last = int(np.round(timesteps(cfg.num_train_timesteps, num_steps, spacing, cfg.steps_offset)[-1]))
-        final_alpha = (float(ab[t_last]), float(ab[0]))
+        final_alpha = float(np.asarray(sd.schedule.alphas_cumprod, np.float64)[0])
     guided = float(guidance_scale) > 1.0
     texts = prompts
     if guided:

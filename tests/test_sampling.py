@@ -334,6 +334,27 @@ def test_ddpm_trajectory_matches_diffusers(monkeypatch, variance, spacing, num_s
         assert rel_err(ours, ref64) < rel_err(ref32, ref64)
 
 
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+def test_ddim_set_alpha_to_one_false_matches_diffusers(eta):
+    """Stable Diffusion's DDIM config: the last step lands on alphas_cumprod[0], not on x0."""
+    key, num_steps = rbg_key(5), 10
+    zs = our_noise(key, num_steps)
+    cfg = dict(SCHED_KW["scaled_linear"], clip_sample=False, timestep_spacing="leading", steps_offset=1,
+               set_alpha_to_one=False)
+    x_T = noise(6)
+    ref, _ = run_diffusers(diffusers.DDIMScheduler(**cfg), x_T, num_steps,
+                           step_kwargs=lambda i: dict(eta=eta, variance_noise=to_nchw(zs[i])))
+    final = float(np.asarray(SCHEDULES["scaled_linear"].alphas_cumprod)[0])
+    ours = sampling.sample(jax_model, SCHEDULES["scaled_linear"], jnp.asarray(x_T), method="ddim",
+                           num_steps=num_steps, eta=eta, key=key if eta else None, timestep_spacing="leading",
+                           steps_offset=1, final_alpha_cumprod=final)
+    assert rel_err(ours, ref, "ddim (set_alpha_to_one=False)") < TOL
+    clean = sampling.sample(jax_model, SCHEDULES["scaled_linear"], jnp.asarray(x_T), method="ddim",
+                            num_steps=num_steps, eta=eta, key=key if eta else None, timestep_spacing="leading",
+                            steps_offset=1)
+    assert rel_err(clean, ref) > 100 * TOL  # the option matters at this tolerance
+
+
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
 def test_ddim_eta_matches_diffusers(spacing):
     key, num_steps = rbg_key(3), 25
