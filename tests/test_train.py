@@ -234,8 +234,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monke
 
     real_make_dataset = pipelines.make_dataset
 
-    def corrupt_dataset(config, split="train"):
-        ds = real_make_dataset(config, split)
+    def corrupt_dataset(config, split="train", **kwargs):
+        ds = real_make_dataset(config, split, **kwargs)
         real_iterate = ds.iterate
 
         def iterate(start_step=0, prefetch=2):
