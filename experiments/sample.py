@@ -3,6 +3,9 @@
     python -m experiments.sample --workdir=runs/ddpm_digits --num=100 --seed=0 --out=samples
     python -m experiments.sample --workdir=runs/ddpm_digits --labels=3,3,7,7 --sampler=ddim --steps=25 --out=s
 
+Latent diffusion runs (``ldm_*`` configs) need no extra flag: the run's metadata names its VAE run,
+checkpoint step and latent scale factor, and the samples are decoded to pixels.
+
 Writes ``OUT.png`` (a grid) and ``OUT.npz`` (``images`` uint8 [N, H, W, C], and ``labels`` for a
 class-conditional model). Without --labels a conditional model cycles through the classes.
 """
@@ -38,7 +41,7 @@ def main(argv):
 
     try:
         run = pipelines.load_run(_WORKDIR.value, _STEP.value)
-    except (FileNotFoundError, CheckpointError) as e:
+    except (FileNotFoundError, CheckpointError, ValueError) as e:  # missing run / VAE run, a VAE run given
         print(f"error: {e}", file=sys.stderr)
         return 2
     labels = None
@@ -65,6 +68,8 @@ def main(argv):
                                    eta=_ETA.value, guidance=_GUIDANCE.value)
     print(f"Wrote {os.path.abspath(_OUT.value)}.png and .npz: {images.shape[0]} images {images.shape[1:]} from "
           f"step {run.step}, {s['method']} {s['num_steps']} steps, guidance {s['guidance']}, "
+          + (f"latents {tuple(run.model.image_shape)} decoded by the VAE {run.model.autoencoder.workdir} "
+             f"(step {run.model.autoencoder.step}), " if run.model.autoencoder is not None else "") +
           f"{time.perf_counter() - t0:.1f} s")
     return 0
 

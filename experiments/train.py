@@ -1,7 +1,10 @@
-"""Train a diffusion model: ``python -m experiments.train [--config=FILE] [--workdir=DIR] [--config.KEY=VALUE ...]``.
+"""Train a model: ``python -m experiments.train [--config=FILE] [--workdir=DIR] [--config.KEY=VALUE ...]``.
 
 With no flags it trains the embedded class-conditional digits model into ``runs/ddpm_digits/``.
-Re-running the same command resumes from the latest checkpoint in the workdir.
+Re-running the same command resumes from the latest checkpoint in the workdir. Latent diffusion:
+
+    python -m experiments.train --config=experiments/configs/vae_digits.py --workdir=runs/vae_digits
+    python -m experiments.train --config=experiments/configs/ldm_digits.py --workdir=runs/ldm_digits
 """
 import os
 import sys
@@ -29,13 +32,15 @@ def main(argv):
     from jaxdiff.train.checkpoint import CheckpointError
     from jaxdiff.train.loop import TrainingDivergedError, train
     from jaxdiff.data import DatasetNotPreparedError
+    from jaxdiff.pipelines import VAENotReadyError
 
     config_file = config_flags.get_config_filename(flags.FLAGS["config"])
     name = os.path.splitext(os.path.basename(config_file.split(":")[0]))[0]
     workdir = _WORKDIR.value or os.path.join("runs", name)
     try:
         summary = train(_CONFIG.value, workdir)
-    except (TrainingDivergedError, CheckpointError, DatasetNotPreparedError, PermissionError, ValueError) as e:
+    except (TrainingDivergedError, CheckpointError, DatasetNotPreparedError, VAENotReadyError, PermissionError,
+            ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"Done: step {summary['step']}, loss {summary['loss']:.4f}, "

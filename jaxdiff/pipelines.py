@@ -8,6 +8,11 @@ describes, restore the EMA params of a run, and generate images with any sampler
     >>> images, labels = pipelines.generate(run.model, run.params, run.schedule, run.config,
     ...                                     num=16, key=jax.random.key(0), labels=[3] * 16)
     >>> images.shape, images.dtype      # uint8 [N, H, W, C]
+
+Latent diffusion: a config with ``vae.workdir`` set trains the U-Net on ``scale_factor * z`` of a
+frozen KL autoencoder trained by ``experiments/configs/vae_*.py`` (:func:`load_vae`,
+:class:`LatentDataset`); the model then carries the autoencoder and :func:`generate` decodes,
+so the same calls return pixels for pixel-space and latent runs.
 """
 from __future__ import annotations
 
@@ -25,14 +30,37 @@ from PIL import Image
 
 from jaxdiff import sampling
 from jaxdiff.data import ImageDataset
+from jaxdiff.nn.discriminator import PatchDiscriminator
 from jaxdiff.nn.unet import UNet
+from jaxdiff.nn.vae import AutoencoderKL, DiagonalGaussian
 from jaxdiff.schedules import Schedule, make_schedule
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 # ----------------------------------------------------------------------------- building blocks
-def make_dataset(config: ml_collections.ConfigDict, split: str = "train") -> ImageDataset:
+def is_latent(config: ml_collections.ConfigDict) -> bool:
+    """True for a latent diffusion config (``config.vae.workdir`` names a trained VAE run)."""
+    return config.get("task", "diffusion") != "vae" and bool(config.get("vae") and config.vae.get("workdir"))
+
+
+def make_dataset(config: ml_collections.ConfigDict, split: str = "train", *, vae_step: int | None = None):
+    """The config's :class:`ImageDataset`; for a latent config the :class:`LatentDataset` of its VAE
+    (at ``vae_step``, default ``config.vae.step`` or the VAE run's latest checkpoint)."""
+    images = _image_dataset(config, split)
+    if not is_latent(config):
+        return images
+    if vae_step is None:
+        vae_step = config.vae.get("step") or None
+    autoencoder = load_vae(config.vae.workdir, vae_step)
+    if tuple(images.image_shape) != tuple(autoencoder.vae.image_shape):
+        raise ValueError(
+            f"The data's images are {tuple(images.image_shape)} but the VAE in {autoencoder.workdir} was trained on "
+            f"{tuple(autoencoder.vae.image_shape)}: set data.image_size (and the dataset) to the VAE's.")
+    return LatentDataset(images, autoencoder, sample_posterior=config.vae.get("sample_posterior", True))
+
+
+def _image_dataset(config: ml_collections.ConfigDict, split: str) -> ImageDataset:
     d = config.data
     return ImageDataset(
         d.name,
@@ -57,12 +85,18 @@ class DiffusionModel:
     """A denoiser network plus what it needs to be called: image shape and label count."""
 
     module: UNet
-    image_shape: tuple[int, int, int]
+    image_shape: tuple[int, int, int]  # what the U-Net sees: pixels, or latents for latent diffusion
     num_classes: int | None = None
+    autoencoder: "LatentAutoencoder | None" = None  # latent diffusion: decodes samples to pixels
 
     @property
     def conditional(self) -> bool:
         return self.num_classes is not None
+
+    @property
+    def output_shape(self) -> tuple[int, int, int]:
+        """Shape of the images :func:`generate` returns (decoded pixels for a latent model)."""
+        return self.autoencoder.vae.image_shape if self.autoencoder is not None else self.image_shape
 
     def init_params(self, key: jax.Array) -> Any:
         x = jnp.zeros((1, *self.image_shape), jnp.float32)
@@ -109,7 +143,8 @@ class DiffusionModel:
         return apply_fn
 
 
-def build_model(config: ml_collections.ConfigDict, image_shape, num_classes: int | None) -> DiffusionModel:
+def build_model(config: ml_collections.ConfigDict, image_shape, num_classes: int | None,
+                autoencoder: "LatentAutoencoder | None" = None) -> DiffusionModel:
     m = config.model
     if m.get("dtype", "float32") not in DTYPES:
         raise ValueError(f"model.dtype must be one of {list(DTYPES)}, got {m.dtype!r}.")
@@ -125,12 +160,16 @@ def build_model(config: ml_collections.ConfigDict, image_shape, num_classes: int
         dtype=DTYPES[m.get("dtype", "float32")],
         remat=m.get("remat", False),
     )
-    return DiffusionModel(module, tuple(int(s) for s in image_shape), num_classes)
+    return DiffusionModel(module, tuple(int(s) for s in image_shape), num_classes, autoencoder)
 
 
 def run_metadata(config: ml_collections.ConfigDict, dataset: ImageDataset, model: DiffusionModel) -> dict:
-    """JSON-able facts stored with every checkpoint (what sampling needs without the config file)."""
-    return {
+    """JSON-able facts stored with every checkpoint (what sampling needs without the config file).
+
+    A latent model adds ``vae``: the VAE run's absolute ``workdir``, its checkpoint ``step`` and the
+    ``scale_factor`` the latents were multiplied by."""
+    meta = {
+        "task": "diffusion",
         "config": json.loads(config.to_json_best_effort()),
         # What fixes the parameter layout (compute dtype, remat and dropout may change on resume).
         "model": json.loads(json.dumps({
@@ -140,6 +179,11 @@ def run_metadata(config: ml_collections.ConfigDict, dataset: ImageDataset, model
         })),
         "dataset": {"name": dataset.name, "num_examples": dataset.num_examples},
     }
+    if model.autoencoder is not None:
+        ae = model.autoencoder
+        meta["vae"] = {"workdir": ae.workdir, "step": ae.step, "scale_factor": ae.scale_factor,
+                       "image_shape": list(ae.vae.image_shape), "latent_shape": list(ae.vae.latent_shape)}
+    return meta
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -169,6 +213,9 @@ def generate(
     **sampler_overrides,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Sample ``num`` images: ``(uint8 [N, H, W, C], int32 labels [N] or None)``.
+
+    For a latent model (``model.autoencoder`` set) the sampled latents are decoded: the images
+    have ``model.output_shape``.
 
     Labels default to ``0, 1, 2, ...`` cycling over the classes for a conditional model.
     ``sampler_overrides`` (``method``, ``num_steps``, ``eta``, ``guidance``) replace ``config.sample``.
@@ -211,6 +258,8 @@ def generate(
         else:
             fn = model.uncond_model_fn
         x0 = sampling.sample(fn, schedule, x_T, key=k_sample, extra_args=extra, **sample_kwargs)
+        if model.autoencoder is not None:  # latents -> pixels
+            x0 = model.autoencoder.decode(x0)
         out.append(np.asarray(to_uint8(x0)))
     return np.concatenate(out), labels
 
@@ -268,7 +317,10 @@ class Run:
 
 
 def load_run(workdir: str, step: int | None = None) -> Run:
-    """The EMA params, model, schedule and config of the latest (or given) checkpoint of a run."""
+    """The EMA params, model, schedule and config of the latest (or given) checkpoint of a run.
+
+    For a latent diffusion run the model carries its autoencoder (the VAE run and checkpoint step
+    recorded in the run's metadata), so :func:`generate` returns decoded pixels."""
     from jaxdiff.train.checkpoint import Checkpointer
 
     ckpt = Checkpointer(workdir, read_only=True)
@@ -277,8 +329,18 @@ def load_run(workdir: str, step: int | None = None) -> Run:
         if step is None:
             raise FileNotFoundError(f"No checkpoint in {ckpt.directory}: train first, or check --workdir.")
         meta = ckpt.restore_meta(step)
+        if meta.get("task") == "vae":
+            raise ValueError(
+                f"{os.path.abspath(workdir)} is a VAE (autoencoder) run, not a diffusion model. Train a latent "
+                "diffusion model on it and sample from that run: python -m experiments.train "
+                f"--config=experiments/configs/ldm_digits.py --config.vae.workdir={workdir}")
         config = ml_collections.ConfigDict(meta["config"])
-        model = build_model(config, meta["model"]["image_shape"], meta["model"]["num_classes"])
+        autoencoder = None
+        if meta.get("vae"):
+            v = meta["vae"]
+            autoencoder = load_vae(v["workdir"], v["step"])
+            autoencoder = dataclasses.replace(autoencoder, scale_factor=float(v["scale_factor"]))
+        model = build_model(config, meta["model"]["image_shape"], meta["model"]["num_classes"], autoencoder)
         abstract = jax.eval_shape(model.init_params, jax.random.key(0))
         sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
@@ -303,3 +365,272 @@ def _restore_ema(ckpt, step, params_target):
         ),
     )
     return restored.state["ema_params"]
+
+
+# ----------------------------------------------------------------------------- autoencoders (latent diffusion)
+VAE_TRAIN_COMMAND = "python -m experiments.train --config=experiments/configs/vae_digits.py --workdir={workdir}"
+
+
+class VAENotReadyError(FileNotFoundError):
+    """The VAE run a latent diffusion config names is missing, has no checkpoint, or is no VAE run."""
+
+
+@dataclasses.dataclass(eq=False)
+class VAEModel:
+    """A KL autoencoder (:class:`jaxdiff.nn.vae.AutoencoderKL`) and the image shape it works on;
+    every method is a pure function of explicit params.
+
+    image_shape: (H, W, C) of the images; ``latent_shape`` = (H/f, W/f, latent_channels).
+    """
+
+    module: AutoencoderKL
+    image_shape: tuple[int, int, int]
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        f = self.module.downsample_factor
+        return (self.image_shape[0] // f, self.image_shape[1] // f, int(self.module.latent_channels))
+
+    def init_params(self, key: jax.Array) -> Any:
+        return self.module.init({"params": key}, jnp.zeros((1, *self.image_shape), jnp.float32))["params"]
+
+    def train_apply(self, params, x: jax.Array, key: jax.Array) -> tuple[jax.Array, DiagonalGaussian]:
+        """x: [B, H, W, C] in [-1, 1] -> (decoded posterior sample [B, H, W, C] float32, posterior)."""
+        return self.module.apply({"params": params}, x, key=key, sample_posterior=True)
+
+    @functools.cached_property
+    def encode(self):
+        """``encode(params, x [B, H, W, C] in [-1, 1]) -> DiagonalGaussian`` over [B, h, w, c] (jitted)."""
+        return jax.jit(lambda params, x: self.module.apply({"params": params}, x, method=AutoencoderKL.encode))
+
+    @functools.cached_property
+    def decode(self):
+        """``decode(params, z [B, h, w, c]) -> [B, H, W, C] float32`` (jitted)."""
+        return jax.jit(lambda params, z: self.module.apply({"params": params}, z, method=AutoencoderKL.decode))
+
+    def encode_images(self, params, images: np.ndarray, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 images [N, H, W, C] -> posterior (mean, std), float32 NumPy [N, h, w, c] each.
+
+        Runs in fixed-size chunks (one compilation for any N)."""
+        means, stds = [], []
+        for lo in range(0, len(images), chunk):
+            x = _to_float(images[lo : lo + chunk])
+            n = len(x)
+            post = self.encode(params, np.pad(x, ((0, chunk - n), (0, 0), (0, 0), (0, 0))))
+            means.append(np.asarray(post.mean)[:n])
+            stds.append(np.asarray(post.std)[:n])
+        return np.concatenate(means), np.concatenate(stds)
+
+    def reconstruct(self, params, images: np.ndarray, chunk: int = 256) -> np.ndarray:
+        """uint8 [N, H, W, C] -> uint8 reconstructions (decoded posterior means), fixed-size chunks."""
+        out = []
+        for lo in range(0, len(images), chunk):
+            x = _to_float(images[lo : lo + chunk])
+            n = len(x)
+            x = np.pad(x, ((0, chunk - n), (0, 0), (0, 0), (0, 0)))
+            out.append(np.asarray(to_uint8(self.decode(params, self.encode(params, x).mean)))[:n])
+        return np.concatenate(out)
+
+
+def _to_float(images: np.ndarray) -> np.ndarray:
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        raise ValueError(f"Expected uint8 images [N, H, W, C], got {images.dtype} {images.shape}.")
+    return images.astype(np.float32) / 127.5 - 1.0
+
+
+def build_vae(config: ml_collections.ConfigDict, image_shape) -> VAEModel:
+    """The :class:`VAEModel` of a VAE config (``config.model``: block_out_channels, layers_per_block,
+    latent_channels, norm_num_groups, mid_block_add_attention, dtype, remat)."""
+    m = config.model
+    if m.get("dtype", "float32") not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {list(DTYPES)}, got {m.dtype!r}.")
+    h, w, c = (int(s) for s in image_shape)
+    module = AutoencoderKL(
+        in_channels=c,
+        out_channels=c,
+        block_out_channels=tuple(m.block_out_channels),
+        layers_per_block=m.layers_per_block,
+        latent_channels=m.latent_channels,
+        norm_num_groups=m.get("norm_num_groups", 32),
+        mid_block_add_attention=m.get("mid_block_add_attention", True),
+        use_quant_conv=m.get("use_quant_conv", True),
+        use_post_quant_conv=m.get("use_post_quant_conv", True),
+        dtype=DTYPES[m.get("dtype", "float32")],
+        remat=m.get("remat", False),
+    )
+    f = module.downsample_factor
+    if h % f or w % f:
+        raise ValueError(f"The VAE downsamples by f={f} (len(block_out_channels)={len(m.block_out_channels)} levels); "
+                         f"the image size {h}x{w} must be divisible by it (set data.image_size).")
+    return VAEModel(module, (h, w, c))
+
+
+def build_discriminator(config: ml_collections.ConfigDict) -> PatchDiscriminator | None:
+    """The config's PatchGAN discriminator, or None when ``config.disc.weight`` is 0 (or absent)."""
+    d = config.get("disc")
+    if not d or not float(d.get("weight", 0.0)):
+        return None
+    return PatchDiscriminator(ndf=d.get("ndf", 64), n_layers=d.get("n_layers", 3),
+                              num_groups=d.get("num_groups", 8))
+
+
+def vae_run_metadata(config: ml_collections.ConfigDict, dataset: ImageDataset, vae: VAEModel,
+                     disc: PatchDiscriminator | None) -> dict:
+    """JSON-able facts stored with every VAE checkpoint; each checkpoint adds its ``latent`` stats."""
+    arch = {k: v for k, v in config.model.to_dict().items() if k not in ("dtype", "remat")}
+    return {
+        "task": "vae",
+        "config": json.loads(config.to_json_best_effort()),
+        "model": json.loads(json.dumps({
+            "image_shape": list(vae.image_shape),
+            "latent_shape": list(vae.latent_shape),
+            "arch": arch,
+            "disc": None if disc is None else {"ndf": disc.ndf, "n_layers": disc.n_layers, "num_groups": disc.num_groups},
+        })),
+        "dataset": {"name": dataset.name, "num_examples": dataset.num_examples},
+    }
+
+
+def latent_statistics(mean: np.ndarray, std: np.ndarray, seed: int = 0) -> dict:
+    """Statistics of posterior samples ``z = mean + std * eps`` over a dataset (float64).
+
+    ``scale_factor = 1 / std(z)`` over all elements: Stable Diffusion's recipe (Rombach et al.
+    2022, sec. G), which makes the diffusion model's data unit-variance. eps from
+    ``np.random.default_rng(seed)``, so the figure is reproducible."""
+    eps = np.random.default_rng(seed).standard_normal(mean.shape)
+    z = mean.astype(np.float64) + std.astype(np.float64) * eps
+    s = float(z.std())
+    if not np.isfinite(s) or s <= 0:
+        raise ValueError(f"The latents have std {s}: cannot compute a scale factor.")
+    return {"scale_factor": 1.0 / s, "mean": float(z.mean()), "std": s,
+            "std_of_means": float(mean.astype(np.float64).std()),
+            "mean_posterior_std": float(std.astype(np.float64).mean()),
+            "num_examples": int(len(mean)), "seed": int(seed)}
+
+
+@dataclasses.dataclass(eq=False)
+class LatentAutoencoder:
+    """A trained, frozen VAE with its EMA params and latent scale factor, as latent diffusion uses it:
+    diffusion latents are ``scale_factor * z``."""
+
+    vae: VAEModel
+    params: Any
+    scale_factor: float
+    workdir: str
+    step: int
+    config: ml_collections.ConfigDict | None = None
+
+    def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 [N, H, W, C] -> scaled posterior (mean, std), float32 NumPy [N, h, w, c] each."""
+        mean, std = self.vae.encode_images(self.params, images)
+        s = np.float32(self.scale_factor)
+        return mean * s, std * s
+
+    def decode(self, z: jax.Array) -> jax.Array:
+        """Scaled latents [B, h, w, c] -> images [B, H, W, C] float32 (about [-1, 1])."""
+        return self.vae.decode(self.params, jnp.asarray(z, jnp.float32) / jnp.float32(self.scale_factor))
+
+
+def load_vae(workdir: str, step: int | None = None) -> LatentAutoencoder:
+    """The EMA params and scale factor of a VAE run (``experiments/configs/vae_*.py``) at ``step``
+    (default: its latest checkpoint). Raises :class:`VAENotReadyError` with the command that makes it."""
+    from jaxdiff.train.checkpoint import CheckpointError, Checkpointer
+
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    make = VAE_TRAIN_COMMAND.format(workdir=workdir)
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise VAENotReadyError(
+            f"No trained VAE in {workdir} (no checkpoints folder): latent diffusion needs a VAE run first. "
+            f"Create it with\n    {make}\nor set --config.vae.workdir to an existing VAE run.")
+    ckpt = Checkpointer(workdir, read_only=True)
+    try:
+        steps = ckpt.all_steps()
+        if not steps:
+            raise VAENotReadyError(f"The VAE run {workdir} has no checkpoint yet. Train it (re-running resumes):\n    {make}")
+        if step is None:
+            step = max(steps)
+        elif step not in steps:
+            raise VAENotReadyError(
+                f"The VAE run {workdir} has no checkpoint at step {step} (it has {sorted(steps)}); a latent model "
+                "must use the VAE checkpoint it was trained with. Restore that checkpoint or train a new latent model.")
+        try:
+            meta = ckpt.restore_meta(step)
+        except Exception as e:
+            raise VAENotReadyError(f"Cannot read the VAE checkpoint {step} in {workdir} ({e}).") from e
+        if meta.get("task") != "vae":
+            raise VAENotReadyError(
+                f"{workdir} is not a VAE run (its checkpoints hold a {meta.get('task', 'diffusion')} model). "
+                f"Point --config.vae.workdir at a VAE run, made by\n    {make}")
+        if not (meta.get("latent") or {}).get("scale_factor"):
+            raise VAENotReadyError(f"The VAE checkpoint {step} in {workdir} has no latent scale factor; re-run\n    {make}")
+        config = ml_collections.ConfigDict(meta["config"])
+        vae = build_vae(config, meta["model"]["image_shape"])
+        abstract = jax.eval_shape(vae.init_params, jax.random.key(0))
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
+        try:
+            params = _restore_ema(ckpt, step, target)
+        except Exception as e:
+            raise CheckpointError(f"Could not restore the VAE params of checkpoint {step} in {workdir} ({e}).") from e
+    finally:
+        ckpt.close()
+    num_steps = int(config.train.num_steps)
+    if step < num_steps:
+        print(f"Warning: the VAE run {workdir} is at step {step} of {num_steps} (unfinished); using that checkpoint. "
+              f"Finish it with\n    {make}", flush=True)
+    return LatentAutoencoder(vae, params, float(meta["latent"]["scale_factor"]), workdir, int(step), config)
+
+
+class LatentDataset:
+    """Batches of scaled VAE latents of an :class:`ImageDataset`, in the same (seed, step) order.
+
+    The whole split is encoded once (posterior mean and std, times the scale factor) and kept in
+    memory. Batch ``step`` holds ``scale * (mean + std * eps)`` (a posterior sample, as latent
+    diffusion trains; ``sample_posterior=False``: the means), eps from
+    ``Generator(PCG64([seed, step, 2]))``: pure in (seed, step), so resume is exact.
+
+    Attributes as :class:`ImageDataset`: ``name``, ``split``, ``batch_size``, ``seed``,
+    ``num_examples``, ``num_classes``, ``image_shape`` (the latent shape), plus ``autoencoder``.
+    """
+
+    def __init__(self, images: ImageDataset, autoencoder: LatentAutoencoder, *, sample_posterior: bool = True):
+        self.images, self.autoencoder, self.sample_posterior = images, autoencoder, bool(sample_posterior)
+        self.name, self.split = images.name, images.split
+        self.batch_size, self.seed, self.num_examples = images.batch_size, images.seed, images.num_examples
+        self.num_classes = images.num_classes
+        self.image_shape = tuple(autoencoder.vae.latent_shape)
+        pixels, labels = images.examples(np.arange(images.num_examples))
+        self.mean, self.std = autoencoder.encode(pixels)
+        self.labels = labels.astype(np.int32)
+
+    def __repr__(self) -> str:
+        return (f"LatentDataset({self.name!r}, {self.split!r}, batch_size={self.batch_size}, "
+                f"latent_shape={self.image_shape}, num_examples={self.num_examples}, vae={self.autoencoder.workdir!r} "
+                f"step {self.autoencoder.step}, scale_factor={self.autoencoder.scale_factor:.5g})")
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        """``{'image': float32 [B, h, w, c] scaled latents, 'label': int32 [B]}`` (no label if unconditional)."""
+        if not isinstance(step, (int, np.integer)) or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}.")
+        idx = self.images.indices(int(step))
+        z = self.mean[idx]
+        if self.sample_posterior:
+            eps = np.random.Generator(np.random.PCG64([self.seed, int(step), 2])).standard_normal(z.shape, np.float32)
+            z = z + self.std[idx] * eps
+        out = {"image": z}
+        if self.num_classes is not None:
+            out["label"] = self.labels[idx]
+        return out
+
+    def iterate(self, start_step: int = 0, prefetch: int = 0):
+        """Endless batches from ``start_step`` (cheap gathers: no prefetch thread needed)."""
+        if not isinstance(start_step, (int, np.integer)) or start_step < 0:
+            raise ValueError(f"start_step must be a non-negative int, got {start_step!r}.")
+
+        def gen(step):
+            while True:
+                yield self.batch(step)
+                step += 1
+
+        return gen(int(start_step))

@@ -1,8 +1,10 @@
 """The host training loop: data -> sharded jit train step -> metrics, checkpoints, sample grids.
 
-    >>> from experiments.configs import ddpm_digits
+    >>> from experiments.configs import ddpm_digits, ldm_digits, vae_digits
     >>> from jaxdiff.train.loop import train
     >>> train(ddpm_digits.get_config(), "runs/ddpm_digits")
+    >>> train(vae_digits.get_config(), "runs/vae_digits")      # KL autoencoder (+ latent scale factor)
+    >>> train(ldm_digits.get_config(), "runs/ldm_digits")      # U-Net on that VAE's latents
 
 Re-running with the same ``workdir`` resumes from its latest checkpoint; since batches and keys
 are pure functions of ``(seed, step)``, the resumed run ends with the same params as an
@@ -10,11 +12,12 @@ uninterrupted one.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +29,7 @@ from jaxdiff import parallel, pipelines
 from jaxdiff.train.checkpoint import Checkpointer, CheckpointError
 from jaxdiff.train.metrics import MetricWriter
 from jaxdiff.train.step import TrainState, create_train_state, make_optimizer, make_train_step
+from jaxdiff.train.vae_step import create_vae_train_state, make_vae_train_step
 
 
 class TrainingDivergedError(RuntimeError):
@@ -62,25 +66,33 @@ def _validate_config(config: ml_collections.ConfigDict) -> None:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | None = None) -> dict:
-    """Train (or resume) the diffusion model described by ``config`` in ``workdir``.
+    """Train (or resume) the model described by ``config`` in ``workdir``.
+
+    ``config.task``: ``"diffusion"`` (default; a latent diffusion model when ``config.vae.workdir``
+    names a trained VAE run) or ``"vae"`` (a KL autoencoder, see :func:`train_vae`).
 
     Returns a summary dict: final ``step``, last ``loss``, ``steps_per_sec``, the last checkpoint
     step, the sample grid path and the final ``state`` (a :class:`TrainState`).
     Raises :class:`TrainingDivergedError` on a NaN/Inf loss, :class:`CheckpointError` when a
     checkpoint cannot be written (earlier ones stay intact), ``PermissionError`` for an unwritable
-    workdir, and ``ValueError`` for a bad config or batch size.
+    workdir, ``ValueError`` for a bad config or batch size, and
+    :class:`jaxdiff.pipelines.VAENotReadyError` when a latent config's VAE run does not exist.
     """
+    task = config.get("task", "diffusion")
+    if task not in ("diffusion", "vae"):
+        raise ValueError(f"config.task must be 'diffusion' or 'vae', got {task!r}.")
     _validate_config(config)
     workdir = check_workdir(workdir)
     parallel.initialize_distributed()
     mesh = parallel.make_mesh(num_devices if num_devices is not None else config.get("num_devices") or None)
-    tc = config.train
-    parallel.check_batch_size(tc.batch_size, mesh)
+    parallel.check_batch_size(config.train.batch_size, mesh)
+    if task == "vae":
+        return train_vae(config, workdir, mesh)
+    return _train_diffusion(config, workdir, mesh)
 
-    dataset = pipelines.make_dataset(config, split="train")
-    model = pipelines.build_model(config, dataset.image_shape, dataset.num_classes)
-    schedule = pipelines.build_schedule(config)
-    optimizer = make_optimizer(
+
+def _make_optimizer(tc: ml_collections.ConfigDict):
+    return make_optimizer(
         learning_rate=tc.lr,
         warmup_steps=tc.warmup_steps,
         decay_steps=tc.num_steps if tc.get("cosine_decay", False) else None,
@@ -90,33 +102,74 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int |
         b2=tc.get("b2", 0.999),
     )
 
-    # Initialise directly into the target shardings (no full replica on one device first).
+
+def _peek_meta(workdir: str) -> dict | None:
+    """The latest checkpoint's metadata of ``workdir``, or None (creates nothing)."""
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        return None
+    ck = Checkpointer(workdir, read_only=True)
+    try:
+        return ck.restore_meta() if ck.latest_step() is not None else None
+    finally:
+        ck.close()
+
+
+def _init_or_restore(ckpt: Checkpointer, init_state, state_shardings, meta: dict, keys=("model",)):
+    """Restore the latest checkpoint into ``state_shardings`` (refusing one whose ``meta[key]``
+    differ), or initialise directly into the target shardings (no full replica on one device first)."""
+    abstract = jax.eval_shape(init_state)
+    if ckpt.latest_step() is not None:
+        saved = ckpt.restore_meta()
+        for key in keys:
+            if saved.get(key) != meta.get(key):
+                what = "model config" if key == "model" else key
+                raise CheckpointError(
+                    f"The checkpoint in {ckpt.directory} was written with a different {what} "
+                    f"({saved.get(key)}) than the current one ({meta.get(key)}). Use a new --workdir, or the old config."
+                )
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings)
+        state, _ = ckpt.restore(target)
+        print(f"Resuming from checkpoint step {int(state.step)} in {ckpt.directory}", flush=True)
+        return state
+    return jax.jit(init_state, out_shardings=state_shardings)()
+
+
+def _train_diffusion(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
+    tc = config.train
+    vae_step = None
+    if pipelines.is_latent(config):
+        # Resume with the VAE checkpoint this run was started with, even if the VAE run moved on.
+        saved = _peek_meta(workdir)
+        if saved is not None and saved.get("vae"):
+            want = os.path.abspath(os.path.expanduser(config.vae.workdir))
+            if saved["vae"]["workdir"] != want:
+                raise CheckpointError(
+                    f"The checkpoint in {workdir} was trained on latents of the VAE run {saved['vae']['workdir']}, "
+                    f"not {want}. Use a new --workdir, or the old vae.workdir.")
+            vae_step = int(saved["vae"]["step"])
+    dataset = pipelines.make_dataset(config, split="train", vae_step=vae_step)
+    if isinstance(dataset, pipelines.LatentDataset):
+        print(f"Latent diffusion on {dataset}", flush=True)
+    model = pipelines.build_model(config, dataset.image_shape, dataset.num_classes,
+                                  getattr(dataset, "autoencoder", None))
+    schedule = pipelines.build_schedule(config)
+    optimizer = _make_optimizer(tc)
+
     def init_state():
         return create_train_state(model.init_params(jax.random.key(config.seed)), optimizer)
 
     abstract = jax.eval_shape(init_state)
+    fsdp = tc.get("fsdp", False)
     state_shardings = TrainState(
         step=parallel.replicated(mesh),
-        params=parallel.param_shardings(abstract.params, mesh, fsdp=tc.get("fsdp", False)),
-        ema_params=parallel.param_shardings(abstract.ema_params, mesh, fsdp=tc.get("fsdp", False)),
-        opt_state=parallel.param_shardings(abstract.opt_state, mesh, fsdp=tc.get("fsdp", False)),
+        params=parallel.param_shardings(abstract.params, mesh, fsdp=fsdp),
+        ema_params=parallel.param_shardings(abstract.ema_params, mesh, fsdp=fsdp),
+        opt_state=parallel.param_shardings(abstract.opt_state, mesh, fsdp=fsdp),
     )
     ckpt = Checkpointer(workdir, max_to_keep=tc.get("keep_checkpoints", 3))
     meta = pipelines.run_metadata(config, dataset, model)
-    if ckpt.latest_step() is not None:
-        saved_model = ckpt.restore_meta().get("model")
-        if saved_model != meta["model"]:
-            raise CheckpointError(
-                f"The checkpoint in {ckpt.directory} was written with a different model config "
-                f"({saved_model}) than the current one ({meta['model']}). Use a new --workdir, or the old config."
-            )
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings)
-        state, _ = ckpt.restore(target)
-        print(f"Resuming from checkpoint step {int(state.step)} in {ckpt.directory}", flush=True)
-    else:
-        state = jax.jit(init_state, out_shardings=state_shardings)()
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
+    state = _init_or_restore(ckpt, init_state, state_shardings, meta, keys=("model", "vae"))
+    _write_config(config, workdir)
 
     step_fn = make_train_step(
         model.train_apply_fn(p_uncond=config.diffusion.get("p_uncond", 0.0)),
@@ -127,14 +180,40 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int |
         ema_decay=tc.ema_decay,
         seed=config.seed,
     )
-    batch_sharding = parallel.data_sharding(mesh)
-    train_step = jax.jit(
+    train_step = _jit_step(step_fn, state_shardings, mesh)
+
+    def on_sample(done, state):
+        return _write_samples(config, model, schedule, state, workdir, f"samples_{done:07d}")
+
+    summary = _host_loop(config, workdir, mesh, dataset, state, lambda step: train_step, ckpt,
+                         checkpoint_meta=lambda done, state: {**meta, "step": done}, on_sample=on_sample)
+    state = summary["state"]
+    if int(state.step) >= int(tc.num_steps) and tc.get("num_samples", 0):
+        summary["samples"] = _write_samples(config, model, schedule, state, workdir, "samples_final")
+    return summary
+
+
+def _write_config(config, workdir):
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+
+
+def _jit_step(step_fn, state_shardings, mesh):
+    return jax.jit(
         step_fn,
-        in_shardings=(state_shardings, batch_sharding),
+        in_shardings=(state_shardings, parallel.data_sharding(mesh)),
         out_shardings=(state_shardings, parallel.replicated(mesh)),
         donate_argnums=0,
     )
 
+
+def _host_loop(config, workdir, mesh, dataset, state, step_for, ckpt, *, checkpoint_meta, on_sample=None,
+               on_checkpoint=None) -> dict:
+    """Run ``state, metrics = step_for(step)(state, batch)`` from ``state.step`` to
+    ``config.train.num_steps``: metrics (fetched every ``log_every`` steps, not every step),
+    checkpoints with ``checkpoint_meta(done, state)``, periodic samples (``on_sample(done, state)``)
+    and progress. ``on_checkpoint(done, state) -> {name: float}`` scalars are logged at each save."""
+    tc = config.train
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
     start = int(state.step)
     num_steps = int(tc.num_steps)
@@ -169,7 +248,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int |
     try:
         for step, batch in zip(range(start, num_steps), dataset.iterate(start_step=start)):
             batch = {k: v[lo : lo + host_local] for k, v in batch.items()}
-            state, metrics = train_step(state, parallel.shard_batch(batch, mesh))
+            state, metrics = step_for(step)(state, parallel.shard_batch(batch, mesh))
             pending.append((step, metrics))
             done = step + 1
             bar.update(1)
@@ -184,11 +263,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int |
                     bar.set_postfix(loss=f"{out[1]['loss']:.4f}", steps_s=f"{steps_per_sec:.2f}")
             if done % tc.checkpoint_every == 0 or done == num_steps:
                 flush()
-                ckpt.save(done, state, {**meta, "step": done})
+                ckpt.save(done, state, checkpoint_meta(done, state))
                 last_good_ckpt = done
-            if tc.get("sample_every", 0) and done % tc.sample_every == 0 and done != num_steps:
+                if on_checkpoint is not None:
+                    writer.write(done, on_checkpoint(done, state))
+                t_last, s_last = time.perf_counter(), done  # keep checkpoint work out of steps/s
+            if on_sample is not None and tc.get("sample_every", 0) and done % tc.sample_every == 0 and done != num_steps:
                 flush()
-                grid_path = _write_samples(config, model, schedule, state, workdir, f"samples_{done:07d}")
+                grid_path = on_sample(done, state)
+                t_last, s_last = time.perf_counter(), done
     finally:
         bar.close()
         writer.close()
@@ -196,9 +279,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int |
             ckpt.wait()
         finally:
             ckpt.close()
-
-    if int(state.step) >= num_steps and tc.get("num_samples", 0):
-        grid_path = _write_samples(config, model, schedule, state, workdir, "samples_final")
     return {
         "step": int(state.step),
         "loss": last_loss,
@@ -207,6 +287,118 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int |
         "samples": grid_path,
         "state": state,
     }
+
+
+# ----------------------------------------------------------------------------- the KL autoencoder
+@dataclasses.dataclass(eq=False)
+class VAETraining:
+    """What :func:`train_vae` trains with: the models, ``init_state()``, the state shardings and the
+    two jitted variants of the step (``gan_step`` is None without a discriminator)."""
+
+    vae: pipelines.VAEModel
+    disc: Any
+    init_state: Callable[[], Any]
+    state_shardings: Any
+    plain_step: Callable
+    gan_step: Callable | None
+    disc_start: int
+
+    def step_for(self, step: int) -> Callable:
+        """The program for batch ``step``: a function of the step alone, so resume replays exactly."""
+        return self.gan_step if self.gan_step is not None and step >= self.disc_start else self.plain_step
+
+
+def build_vae_training(config: ml_collections.ConfigDict, image_shape, mesh) -> VAETraining:
+    tc, lc = config.train, config.loss
+    vae = pipelines.build_vae(config, image_shape)
+    disc = pipelines.build_discriminator(config)
+    dc = config.get("disc") or ml_collections.ConfigDict()
+    optimizer = _make_optimizer(tc)
+    disc_optimizer = None
+    if disc is not None:
+        disc_optimizer = make_optimizer(learning_rate=dc.get("lr", tc.lr), b1=dc.get("b1", 0.5), b2=dc.get("b2", 0.9),
+                                        grad_clip=tc.get("grad_clip", 1.0) or None)
+    disc_apply = None if disc is None else (lambda p, x: disc.apply({"params": p}, x))
+
+    def init_state():
+        k_vae, k_disc = jax.random.split(jax.random.key(config.seed))
+        disc_params = None
+        if disc is not None:
+            disc_params = disc.init({"params": k_disc}, jnp.zeros((1, *vae.image_shape), jnp.float32))["params"]
+        return create_vae_train_state(vae.init_params(k_vae), optimizer, disc_params, disc_optimizer)
+
+    state_shardings = parallel.param_shardings(jax.eval_shape(init_state), mesh, fsdp=tc.get("fsdp", False))
+    common = dict(disc_apply=disc_apply, disc_optimizer=disc_optimizer, recon_loss=lc.get("recon", "l1"),
+                  kl_weight=float(lc.kl_weight), disc_weight=float(dc.get("weight", 0.0)),
+                  disc_start=int(dc.get("start", 0)), adaptive_weight_on=bool(dc.get("adaptive", True)),
+                  ema_decay=tc.ema_decay, seed=config.seed)
+    plain = _jit_step(make_vae_train_step(vae.train_apply, optimizer, gan=False, **common), state_shardings, mesh)
+    gan = None
+    if disc is not None:
+        gan = _jit_step(make_vae_train_step(vae.train_apply, optimizer, gan=True, **common), state_shardings, mesh)
+    return VAETraining(vae, disc, init_state, state_shardings, plain, gan, int(dc.get("start", 0)))
+
+
+def train_vae(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
+    """Train (or resume) the KL autoencoder of a ``task = "vae"`` config (see
+    :mod:`jaxdiff.train.vae_step` for the loss). Call through :func:`train`.
+
+    Every checkpoint's metadata holds ``latent``: the scale factor (1 / std of posterior samples
+    of the EMA autoencoder over the training split) and related statistics, and ``eval``: the
+    reconstruction PSNR on the held-out ``test`` split when the dataset has one. The final step
+    also writes ``reconstructions.png`` (rows of test images above their reconstructions).
+    """
+    from jaxdiff.eval.psnr import psnr as psnr_fn
+
+    tc = config.train
+    dataset = pipelines.make_dataset(config, split="train")
+    t = build_vae_training(config, dataset.image_shape, mesh)
+    vae = t.vae
+    ckpt = Checkpointer(workdir, max_to_keep=tc.get("keep_checkpoints", 3))
+    meta = pipelines.vae_run_metadata(config, dataset, vae, t.disc)
+    state = _init_or_restore(ckpt, t.init_state, t.state_shardings, meta)
+    _write_config(config, workdir)
+    step_for = t.step_for
+
+    # Latent statistics over the whole training split, and test-split PSNR, at every checkpoint.
+    train_images, _ = dataset.examples(np.arange(dataset.num_examples))
+    try:
+        test_ds = pipelines.make_dataset(config, split="test")
+        test_images = test_ds.examples(np.arange(test_ds.num_examples))[0]
+    except ValueError:  # the dataset has no test split
+        test_images = None
+    stats: dict[int, dict] = {}
+
+    def checkpoint_meta(done, state):
+        mean, std = vae.encode_images(state.ema_params, train_images)
+        latent = pipelines.latent_statistics(mean, std, seed=config.seed)
+        latent.update(split="train", params="ema_params", step=done)
+        ev = {}
+        if test_images is not None:
+            ev = {"split": "test", **psnr_fn(test_images, vae.reconstruct(state.ema_params, test_images))}
+        stats[done] = {"latent": latent, "eval": ev}
+        return {**meta, "step": done, "latent": latent, "eval": ev}
+
+    def on_checkpoint(done, state):
+        s = stats.pop(done)
+        out = {"latent/scale_factor": s["latent"]["scale_factor"], "latent/std": s["latent"]["std"]}
+        if s["eval"]:
+            out["eval/test_psnr"] = s["eval"]["psnr"]
+        if jax.process_index() == 0:
+            print(f"\nstep {done}: latent scale factor {out['latent/scale_factor']:.5g}"
+                  + (f", test PSNR {out['eval/test_psnr']:.2f} dB (EMA params)" if s["eval"] else ""), flush=True)
+        return out
+
+    summary = _host_loop(config, workdir, mesh, dataset, state, step_for, ckpt,
+                         checkpoint_meta=checkpoint_meta, on_checkpoint=on_checkpoint)
+    state = summary["state"]
+    if int(state.step) >= int(tc.num_steps) and test_images is not None and jax.process_index() == 0:
+        k = min(len(test_images), 16)
+        rec = vae.reconstruct(state.ema_params, test_images[:k])
+        path = os.path.join(workdir, "reconstructions")
+        pipelines.save_samples(path, np.concatenate([test_images[:k], rec]), ncol=k)
+        summary["samples"] = path + ".png"
+    return summary
 
 
 def _write_samples(config, model, schedule, state, workdir, name) -> str:
