@@ -26,6 +26,10 @@ def get_config():
     # The U-Net of ddpm_digits on 8x8x4 latents (levels 8, 4, 2; attention at 4).
     c.model.attn_resolutions = (4,)
 
-    # Scaled latents have unit variance but no [-1, 1] range: no x0 clipping when sampling.
-    c.sample.clip_x0 = 0.0
+    # v-prediction: with eps-prediction the cosine schedule's last steps (alpha_bar ~ 0) turn small
+    # eps errors into huge x0 estimates, which pixel models hide by clipping x0 to [-1, 1]; scaled
+    # latents have no such range. Measured (1000 steps, dpmpp_2m 25, N=100): eps 0.31 accuracy /
+    # Frechet 190 (clip_x0=4: 0.33 / 53), v 0.87 / 21 (real-vs-real 22).
+    c.diffusion.prediction = "v"
+    c.sample.clip_x0 = 0.0  # no x0 clipping: scaled latents have unit variance, not a [-1, 1] range
     return c
