@@ -100,15 +100,17 @@ class Digits(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             yield int(i), {"image": _png(images[i]), "label": int(labels[i]), "index": int(i)}
 
 
-def digits_builder(data_dir: str) -> Digits:
-    """Returns the digits builder over ``data_dir``, preparing it there first if needed (race-safe)."""
-    builder = Digits(data_dir=data_dir, file_format="array_record")
+def prepare_local_builder(cls, data_dir: str, name: str, version: str):
+    """Returns ``cls(data_dir=..., file_format='array_record')``, building a locally generated TFDS
+    dataset there first if needed. Race-safe: built in a temporary folder, then renamed into place
+    (a concurrent builder that loses the rename keeps the winner's copy)."""
+    builder = cls(data_dir=data_dir, file_format="array_record")
     if builder.is_prepared():
         return builder
     os.makedirs(data_dir, exist_ok=True)
-    tmp_root = tempfile.mkdtemp(prefix=".jaxdiff_build_digits_", dir=data_dir)
+    tmp_root = tempfile.mkdtemp(prefix=f".jaxdiff_build_{name}_", dir=data_dir)
     try:
-        tmp_builder = Digits(data_dir=tmp_root, file_format="array_record")
+        tmp_builder = cls(data_dir=tmp_root, file_format="array_record")
         from tensorflow_datasets.core.utils import tqdm_utils
 
         shown = getattr(tqdm_utils, "_active", True)
@@ -119,13 +121,18 @@ def digits_builder(data_dir: str) -> Digits:
                 download_config=tfds.download.DownloadConfig(try_download_gcs=False))
         finally:
             tfds.display_progress_bar(shown)
-        final = os.path.join(data_dir, NAME, DIGITS_VERSION)
+        final = os.path.join(data_dir, name, version)
         os.makedirs(os.path.dirname(final), exist_ok=True)
         try:
-            os.rename(os.path.join(tmp_root, NAME, DIGITS_VERSION), final)  # atomic; fails if final exists
+            os.rename(os.path.join(tmp_root, name, version), final)  # atomic; fails if final exists
         except OSError:
             if not os.path.exists(os.path.join(final, "dataset_info.json")):
                 raise
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
-    return Digits(data_dir=data_dir, file_format="array_record")
+    return cls(data_dir=data_dir, file_format="array_record")
+
+
+def digits_builder(data_dir: str) -> Digits:
+    """Returns the digits builder over ``data_dir``, preparing it there first if needed (race-safe)."""
+    return prepare_local_builder(Digits, data_dir, NAME, DIGITS_VERSION)

@@ -37,11 +37,8 @@ a few seconds and is race-safe in the same way as ``digits``.
 """
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import struct
-import tempfile
 import zlib
 from typing import Iterator, Optional
 
@@ -250,33 +247,9 @@ class Shapes(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 def shapes_builder(data_dir: str) -> Shapes:
     """Returns the shapes builder over ``data_dir``, preparing it there first if needed (race-safe)."""
-    builder = Shapes(data_dir=data_dir, file_format="array_record")
-    if builder.is_prepared():
-        return builder
-    os.makedirs(data_dir, exist_ok=True)
-    tmp_root = tempfile.mkdtemp(prefix=".jaxdiff_build_shapes_", dir=data_dir)
-    try:
-        tmp_builder = Shapes(data_dir=tmp_root, file_format="array_record")
-        from tensorflow_datasets.core.utils import tqdm_utils
+    from jaxdiff.data.digits import prepare_local_builder
 
-        shown = getattr(tqdm_utils, "_active", True)
-        tfds.display_progress_bar(False)
-        try:
-            tmp_builder.download_and_prepare(
-                download_dir=os.path.join(tmp_root, "downloads"),
-                download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-        finally:
-            tfds.display_progress_bar(shown)
-        final = os.path.join(data_dir, NAME, SHAPES_VERSION)
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        try:
-            os.rename(os.path.join(tmp_root, NAME, SHAPES_VERSION), final)  # atomic; fails if final exists
-        except OSError:
-            if not os.path.exists(os.path.join(final, "dataset_info.json")):
-                raise
-    finally:
-        shutil.rmtree(tmp_root, ignore_errors=True)
-    return Shapes(data_dir=data_dir, file_format="array_record")
+    return prepare_local_builder(Shapes, data_dir, NAME, SHAPES_VERSION)
 
 
 def load_split(split: str, data_dir: Optional[str] = None) -> dict[str, np.ndarray]:
