@@ -89,6 +89,11 @@ def assert_trees_equal(a, b):
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _cheap_compiles(xla_o0):
+    """XLA -O0 for this module's programs (see conftest.xla_o0): compilation dominates here."""
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("tfds"))

@@ -40,6 +40,11 @@ def _tiny_tokenizer(d):
     return transformers.CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt"), model_max_length=77), len(vocab)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _cheap_cpu(xla_o0, torch_one_thread):
+    """XLA -O0 for this module's programs and one torch thread (see conftest)."""
+
+
 @pytest.fixture(scope="module")
 def sd_folder(tmp_path_factory):
     """A tiny SD 1.x folder saved by StableDiffusionPipeline.save_pretrained."""

@@ -40,6 +40,11 @@ CONFIGS = {
 B, L = 2, 7
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _cheap_cpu(torch_one_thread):
+    """One torch thread (see conftest.torch_one_thread); the jax programs here compile at -O0 (jit above)."""
+
+
 def _torch_unet(name, seed=0):
     torch.manual_seed(seed)
     model = diffusers.UNet2DConditionModel(**CONFIGS[name]).eval()
