@@ -6,8 +6,15 @@
 Latent diffusion runs (``ldm_*`` configs) need no extra flag: the run's metadata names its VAE run,
 checkpoint step and latent scale factor, and the samples are decoded to pixels.
 
+Text-to-image runs (``t2i_*`` configs) take prompts; images cycle through them (without --prompt,
+through the config's ``sample.prompts``):
+
+    python -m experiments.sample --workdir=runs/t2i_shapes --prompt "a red circle at the top left" \
+        --prompt "a blue square in the center" --num=8 --guidance=3 --out=shapes
+
 Writes ``OUT.png`` (a grid) and ``OUT.npz`` (``images`` uint8 [N, H, W, C], and ``labels`` for a
-class-conditional model). Without --labels a conditional model cycles through the classes.
+class-conditional model, ``prompts`` for a text-to-image one). Without --labels a conditional model
+cycles through the classes.
 """
 import os
 import sys
@@ -27,6 +34,8 @@ _ETA = flags.DEFINE_float("eta", None, "DDIM eta (0 = deterministic).")
 _GUIDANCE = flags.DEFINE_float("guidance", None, "Classifier-free guidance scale (1 = off).")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Images per compiled sampler call (default: all).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+_PROMPT = flags.DEFINE_multi_string("prompt", None, "Prompt (text-to-image runs); repeat the flag for several: "
+                                    "the images cycle through them.")
 
 
 def main(argv):
@@ -43,6 +52,30 @@ def main(argv):
         run = pipelines.load_run(_WORKDIR.value, _STEP.value)
     except (FileNotFoundError, CheckpointError, ValueError) as e:  # missing run / VAE run, a VAE run given
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    sampler = dict(method=_SAMPLER.value, num_steps=_STEPS.value, eta=_ETA.value, guidance=_GUIDANCE.value)
+    if run.model.text_conditional:
+        if _LABELS.value:
+            print("error: this is a text-to-image run: give --prompt, not --labels", file=sys.stderr)
+            return 2
+        prompts = pipelines.cycle_prompts(_PROMPT.value or list(run.config.sample.prompts), _NUM.value)
+        t0 = time.perf_counter()
+        try:
+            images = pipelines.generate_text(run.model, run.params, run.schedule, run.config, prompts=prompts,
+                                             key=jax.random.key(_SEED.value), batch_size=_BATCH.value, **sampler)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        ncol = len(dict.fromkeys(prompts))
+        pipelines.save_samples(_OUT.value, images, ncol=ncol, prompts=prompts)
+        s = pipelines.sampler_settings(run.config, **sampler)
+        print(f"Wrote {os.path.abspath(_OUT.value)}.png and .npz: {images.shape[0]} images {images.shape[1:]} "
+              f"(one column per prompt) from step {run.step}, {s['method']} {s['num_steps']} steps, guidance "
+              f"{s['guidance']}, {time.perf_counter() - t0:.1f} s")
+        return 0
+    if _PROMPT.value:
+        print("error: --prompt needs a text-to-image run (model.type='text_unet'); this run is "
+              + ("class-conditional: use --labels" if run.model.conditional else "unconditional"), file=sys.stderr)
         return 2
     labels = None
     if _LABELS.value:

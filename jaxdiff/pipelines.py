@@ -31,9 +31,12 @@ from PIL import Image
 from jaxdiff import sampling
 from jaxdiff.data import ImageDataset
 from jaxdiff.nn.discriminator import PatchDiscriminator
+from jaxdiff.nn.text import CLIPTextTransformer
 from jaxdiff.nn.unet import UNet
+from jaxdiff.nn.unet_cond import CROSS_MID, TextConditionedUNet, UNetCondition
 from jaxdiff.nn.vae import AutoencoderKL, DiagonalGaussian
 from jaxdiff.schedules import Schedule, make_schedule
+from jaxdiff.tokenizers import WordTokenizer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -88,6 +91,8 @@ class DiffusionModel:
     image_shape: tuple[int, int, int]  # what the U-Net sees: pixels, or latents for latent diffusion
     num_classes: int | None = None
     autoencoder: "LatentAutoencoder | None" = None  # latent diffusion: decodes samples to pixels
+
+    text_conditional = False  # True for :class:`TextDiffusionModel`
 
     @property
     def conditional(self) -> bool:
@@ -148,6 +153,14 @@ def build_model(config: ml_collections.ConfigDict, image_shape, num_classes: int
     m = config.model
     if m.get("dtype", "float32") not in DTYPES:
         raise ValueError(f"model.dtype must be one of {list(DTYPES)}, got {m.dtype!r}.")
+    kind = m.get("type", "unet")
+    if kind == "text_unet":
+        if num_classes is not None:
+            raise ValueError("A text-conditioned model (model.type='text_unet') takes captions, not class labels: "
+                             "use a captioned dataset (data.name='shapes').")
+        return build_text_model(config, image_shape, autoencoder)
+    if kind != "unet":
+        raise ValueError(f"model.type must be 'unet' (class-conditional or unconditional) or 'text_unet', got {kind!r}.")
     module = UNet(
         ch=m.ch,
         ch_mult=tuple(m.ch_mult),
@@ -176,6 +189,7 @@ def run_metadata(config: ml_collections.ConfigDict, dataset: ImageDataset, model
             "image_shape": list(model.image_shape),
             "num_classes": model.num_classes,
             "arch": {k: v for k, v in config.model.to_dict().items() if k not in ("dtype", "remat", "dropout")},
+            **({"text": config.text.to_dict()} if model.text_conditional else {}),
         })),
         "dataset": {"name": dataset.name, "num_examples": dataset.num_examples},
     }
@@ -225,6 +239,9 @@ def generate(
     """
     if num < 1:
         raise ValueError(f"num must be >= 1, got {num}.")
+    if model.text_conditional:
+        raise ValueError("This model is text-conditioned: sample it with generate_text(..., prompts=[...]) "
+                         "(python -m experiments.sample --prompt '...').")
     s = sampler_settings(config, **sampler_overrides)
     if model.conditional:
         labels = np.arange(num) % model.num_classes if labels is None else np.asarray(labels)
@@ -292,8 +309,10 @@ def save_png(path: str, image: np.ndarray, scale: int = 1) -> None:
     img.save(path)
 
 
-def save_samples(path: str, images: np.ndarray, labels: np.ndarray | None = None, ncol: int | None = None) -> None:
-    """Write ``path.png`` (a grid, upscaled for small images) and ``path.npz`` (``images``, ``labels``)."""
+def save_samples(path: str, images: np.ndarray, labels: np.ndarray | None = None, ncol: int | None = None,
+                 prompts: Sequence[str] | None = None) -> None:
+    """Write ``path.png`` (a grid, upscaled for small images) and ``path.npz`` (``images``, and
+    ``labels`` int32 [N] / ``prompts`` str [N] when given)."""
     path = path[:-4] if path.endswith((".png", ".npz")) else path
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if ncol is None and labels is not None:
@@ -303,6 +322,8 @@ def save_samples(path: str, images: np.ndarray, labels: np.ndarray | None = None
     arrays = {"images": images}
     if labels is not None:
         arrays["labels"] = np.asarray(labels, np.int32)
+    if prompts is not None:
+        arrays["prompts"] = np.asarray(list(prompts), dtype=str)
     np.savez(path + ".npz", **arrays)
 
 
@@ -603,6 +624,8 @@ class LatentDataset:
         pixels, labels = images.examples(np.arange(images.num_examples))
         self.mean, self.std = autoencoder.encode(pixels)
         self.labels = labels.astype(np.int32)
+        self.annotation_keys = tuple(getattr(images, "annotation_keys", ()))
+        self.annotations = images.annotations(np.arange(images.num_examples)) if self.annotation_keys else {}
 
     def __repr__(self) -> str:
         return (f"LatentDataset({self.name!r}, {self.split!r}, batch_size={self.batch_size}, "
@@ -610,7 +633,8 @@ class LatentDataset:
                 f"step {self.autoencoder.step}, scale_factor={self.autoencoder.scale_factor:.5g})")
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
-        """``{'image': float32 [B, h, w, c] scaled latents, 'label': int32 [B]}`` (no label if unconditional)."""
+        """``{'image': float32 [B, h, w, c] scaled latents, 'label': int32 [B]}`` (no label if unconditional),
+        plus the image dataset's ``annotation_keys`` (e.g. ``caption``)."""
         if not isinstance(step, (int, np.integer)) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}.")
         idx = self.images.indices(int(step))
@@ -621,6 +645,8 @@ class LatentDataset:
         out = {"image": z}
         if self.num_classes is not None:
             out["label"] = self.labels[idx]
+        for k, v in self.annotations.items():  # captions (str) and attribute ids, as ImageDataset
+            out[k] = v[idx]
         return out
 
     def iterate(self, start_step: int = 0, prefetch: int = 0):
@@ -634,3 +660,218 @@ class LatentDataset:
                 step += 1
 
         return gen(int(start_step))
+
+
+# ----------------------------------------------------------------------------- text-to-image (trained from scratch)
+@dataclasses.dataclass(eq=False)
+class TextDiffusionModel(DiffusionModel):
+    """A :class:`jaxdiff.nn.TextConditionedUNet` (text encoder + cross-attention U-Net, trained
+    together) and its tokenizer: a ``model.type = "text_unet"`` config (``experiments/configs/t2i_*.py``).
+
+    Params are ``{"text_encoder": ..., "unet": ...}``. Captions are tokenized to ``max_length``
+    ids (bos, words, eos, padding); padding is masked out of every attention. Classifier-free
+    guidance uses the empty caption ``""`` as the unconditional branch (training drops captions
+    to ``""`` with probability ``diffusion.p_uncond``).
+    """
+
+    tokenizer: Any = None
+    max_length: int = 16
+    text_conditional = True
+
+    def tokenize(self, prompts: str | Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Prompts -> ``(input_ids, attention_mask)``, int32 [N, max_length] each.
+
+        Raises ValueError for a prompt longer than the model's ``max_length`` (with bos/eos) or
+        with words outside its vocabulary (the model never saw them)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        for p in prompts:
+            if not isinstance(p, str):
+                raise ValueError(f"Prompts must be strings, got {type(p).__name__} {p!r}.")
+            words = self.tokenizer.tokenize(p)
+            unknown = [w for w in words if w not in self.tokenizer.encoder]
+            if unknown:
+                raise ValueError(f"The prompt {p!r} has words outside the model's vocabulary: {unknown}. "
+                                 f"Known words: {' '.join(self.tokenizer.vocab[2:-2])}.")
+            if len(words) + 2 > self.max_length:
+                raise ValueError(f"The prompt {p!r} has {len(words)} words; the model takes at most "
+                                 f"{self.max_length - 2} (text.max_length={self.max_length} with bos/eos).")
+        enc = self.tokenizer(prompts, max_length=self.max_length, padding="max_length", truncation=False)
+        return np.asarray(enc["input_ids"], np.int32), np.asarray(enc["attention_mask"], np.int32)
+
+    def init_params(self, key: jax.Array) -> Any:
+        x = jnp.zeros((1, *self.image_shape), jnp.float32)
+        ids, mask = self.tokenize([""])
+        return self.module.init({"params": key}, x, jnp.zeros((1,), jnp.float32), ids, mask, train=False)["params"]
+
+    def apply(self, params, x_t, t, input_ids, attention_mask, *, train=False, key=None) -> jax.Array:
+        rngs = {"dropout": key} if train else None
+        return self.module.apply({"params": params}, x_t, t, input_ids, attention_mask, train=train, rngs=rngs)
+
+    @functools.cached_property
+    def encode_text(self):
+        """``encode_text(params, input_ids, attention_mask) -> context float32 [N, L, D]`` (jitted)."""
+        return jax.jit(lambda params, ids, mask: self.module.apply(
+            {"params": params}, ids, mask, method=TextConditionedUNet.encode_text))
+
+    @functools.cached_property
+    def context_model_fn(self):
+        """``model_fn(x_t, t, cond, *, params)`` with ``cond = (context, mask)`` (for the samplers and
+        :func:`jaxdiff.sampling.cfg_model_fn`); one function per model, so the sampler cache hits."""
+        def model_fn(x_t, t, cond, *, params):
+            context, mask = cond
+            return self.module.apply({"params": params}, x_t, t, context, mask, method=TextConditionedUNet.denoise)
+
+        return model_fn
+
+    def train_apply_fn(self, p_uncond: float = 0.0):
+        """``apply_fn(params, x_t, t, batch, key)`` on ``batch['input_ids']``, ``batch['attention_mask']``;
+        captions become ``""`` with probability ``p_uncond`` (classifier-free guidance training)."""
+        null_ids, null_mask = (jnp.asarray(a) for a in self.tokenize([""]))
+
+        def apply_fn(params, x_t, t, batch, key):
+            drop_key, dropout_key = jax.random.split(key)
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            if p_uncond > 0:
+                drop = jax.random.bernoulli(drop_key, p_uncond, (ids.shape[0], 1))
+                ids, mask = jnp.where(drop, null_ids, ids), jnp.where(drop, null_mask, mask)
+            return self.apply(params, x_t, t, ids, mask, train=True, key=dropout_key)
+
+        return apply_fn
+
+
+def build_text_model(config: ml_collections.ConfigDict, image_shape,
+                     autoencoder: "LatentAutoencoder | None" = None) -> TextDiffusionModel:
+    """The :class:`TextDiffusionModel` of a ``model.type = "text_unet"`` config.
+
+    ``config.text``: ``words`` (the tokenizer's vocabulary), ``max_length``, and the CLIP text
+    transformer's ``hidden_size``, ``intermediate_size``, ``num_layers``, ``num_heads``.
+    ``config.model``: :class:`jaxdiff.nn.UNetCondition` fields (``block_out_channels``,
+    ``layers_per_block``, ``down_block_types``, ``up_block_types``, ``mid_block_type``,
+    ``attention_head_dim`` (number of heads), ``transformer_layers_per_block``,
+    ``use_linear_projection``, ``norm_num_groups``, ``dropout``, ``dtype``, ``remat``); the
+    cross-attention width is ``text.hidden_size``."""
+    if "text" not in config:
+        raise ValueError("model.type='text_unet' needs a config.text section (words, max_length, hidden_size, ...).")
+    m, tc = config.model, config.text
+    dtype = DTYPES[m.get("dtype", "float32")]
+    tokenizer = WordTokenizer(list(tc.words), model_max_length=int(tc.max_length))
+    text = CLIPTextTransformer(
+        vocab_size=tokenizer.vocab_size, hidden_size=tc.hidden_size, intermediate_size=tc.intermediate_size,
+        num_layers=tc.num_layers, num_heads=tc.num_heads, max_position_embeddings=int(tc.max_length),
+        eos_token_id=tokenizer.eos_token_id, dtype=dtype)
+    c = int(image_shape[-1])
+    unet = UNetCondition(
+        in_channels=c, out_channels=c, block_out_channels=tuple(m.block_out_channels),
+        layers_per_block=m.layers_per_block, down_block_types=tuple(m.down_block_types),
+        up_block_types=tuple(m.up_block_types), mid_block_type=m.get("mid_block_type", CROSS_MID) or None,
+        cross_attention_dim=tc.hidden_size, attention_head_dim=m.attention_head_dim,
+        transformer_layers_per_block=m.get("transformer_layers_per_block", 1),
+        use_linear_projection=m.get("use_linear_projection", True), norm_num_groups=m.get("norm_num_groups", 32),
+        dropout=m.get("dropout", 0.0), dtype=dtype, remat=m.get("remat", False))
+    if text.hidden_size != unet.cross_attention_dim:  # cannot happen from a config; guards direct use
+        raise ValueError("text.hidden_size must equal the U-Net's cross_attention_dim.")
+    return TextDiffusionModel(TextConditionedUNet(text, unet), tuple(int(s) for s in image_shape), None, autoencoder,
+                              tokenizer=tokenizer, max_length=int(tc.max_length))
+
+
+class TokenizedCaptions:
+    """A dataset whose batches carry ``caption`` strings, with the captions tokenized on the host:
+    batches hold ``image`` plus ``input_ids`` and ``attention_mask`` (int32 [B, L]); strings and
+    the other annotations are dropped (they cannot be sharded onto devices). Other attributes
+    (``image_shape``, ``num_examples``, ``autoencoder``, ...) are the wrapped dataset's."""
+
+    def __init__(self, dataset, model: TextDiffusionModel):
+        if "caption" not in getattr(dataset, "annotation_keys", ()):
+            raise ValueError(
+                f"A text-conditioned model needs captions, but the batches of {dataset!r} have none: use a captioned "
+                "dataset (data.name='shapes') with data.conditional=True.")
+        self.dataset, self.model = dataset, model
+        self._cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def __getattr__(self, name):
+        return getattr(self.dataset, name)
+
+    def __repr__(self) -> str:
+        return f"TokenizedCaptions({self.dataset!r}, max_length={self.model.max_length})"
+
+    def _convert(self, batch: dict) -> dict:
+        captions = [str(c) for c in batch["caption"]]
+        missing = [c for c in dict.fromkeys(captions) if c not in self._cache]
+        if missing:
+            for c, ids, mask in zip(missing, *self.model.tokenize(missing)):
+                self._cache[c] = (ids, mask)
+        out = {"image": batch["image"],
+               "input_ids": np.stack([self._cache[c][0] for c in captions]),
+               "attention_mask": np.stack([self._cache[c][1] for c in captions])}
+        return out
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        return self._convert(self.dataset.batch(step))
+
+    def iterate(self, start_step: int = 0, **kwargs):
+        return (self._convert(b) for b in self.dataset.iterate(start_step, **kwargs))
+
+
+def cycle_prompts(prompts: Sequence[str], num: int) -> list[str]:
+    """``num`` prompts cycling through ``prompts``."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("Give at least one prompt.")
+    return [prompts[i % len(prompts)] for i in range(num)]
+
+
+def generate_text(
+    model: TextDiffusionModel,
+    params: Any,
+    schedule: Schedule,
+    config: ml_collections.ConfigDict,
+    *,
+    prompts: str | Sequence[str],
+    key: jax.Array,
+    batch_size: int | None = None,
+    **sampler_overrides,
+) -> np.ndarray:
+    """One image per prompt: uint8 [N, H, W, C] (decoded pixels for a latent model).
+
+    ``sampler_overrides`` (``method``, ``num_steps``, ``eta``, ``guidance``) replace
+    ``config.sample``. Guidance scale w != 1 runs classifier-free guidance against the empty
+    caption (both branches in one batched forward). Prompts are encoded once per batch, outside
+    the sampling loop. Batch ``i`` uses ``fold_in(key, i)``, as :func:`generate`; the sampler
+    compiles once per settings and batch shape (new prompts, keys or guidance scales reuse it).
+    """
+    if not model.text_conditional:
+        raise ValueError("This model is not text-conditioned: use generate(...) (labels, not prompts).")
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("Give at least one prompt.")
+    ids, mask = model.tokenize(prompts)
+    null_ids, null_mask = model.tokenize([""])
+    s = sampler_settings(config, **sampler_overrides)
+    guided = float(s["guidance"]) != 1.0
+    sample_kwargs = dict(method=s["method"], num_steps=int(s["num_steps"]), prediction=config.diffusion.prediction,
+                         clip_x0=config.sample.get("clip_x0", 1.0) or None)
+    if s["method"] == "ddim":
+        sample_kwargs["eta"] = float(s["eta"])
+    null_ctx = model.encode_text(params, null_ids, null_mask) if guided else None
+    num = len(prompts)
+    batch_size = batch_size or num
+    out = []
+    for i, lo in enumerate(range(0, num, batch_size)):
+        n = min(batch_size, num - lo)
+        k_noise, k_sample = jax.random.split(jax.random.fold_in(key, i))
+        x_T = jax.random.normal(k_noise, (n, *model.image_shape), jnp.float32)
+        m = jnp.asarray(mask[lo : lo + n])
+        cond = (model.encode_text(params, ids[lo : lo + n], mask[lo : lo + n]), m)
+        extra = {"params": params}
+        if guided:
+            extra.update(cond=cond, null_cond=(null_ctx, jnp.asarray(null_mask)),
+                         guidance_scale=jnp.float32(s["guidance"]))
+            fn = sampling.cfg_model_fn(model.context_model_fn)
+        else:
+            extra["cond"] = cond
+            fn = model.context_model_fn
+        x0 = sampling.sample(fn, schedule, x_T, key=k_sample, extra_args=extra, **sample_kwargs)
+        if model.autoencoder is not None:
+            x0 = model.autoencoder.decode(x0)
+        out.append(np.asarray(to_uint8(x0)))
+    return np.concatenate(out)

@@ -99,6 +99,18 @@ def all_prompts(template_index: int = 0) -> list[str]:
     return [caption(*map(int, row), template_index) for row in all_labels()]
 
 
+def vocabulary() -> list[str]:
+    """Every word of every caption (templates, colours, shapes, positions), in first-seen order:
+    the word list of a :class:`jaxdiff.tokenizers.WordTokenizer` for this dataset."""
+    words: list[str] = []
+    texts = [re.sub(r"\{\w+\}", " ", t) for t in TEMPLATES] + COLORS + SHAPES + list(WHERE.values())
+    for text in texts:
+        for w in re.findall(r"\w+", text):
+            if w not in words:
+                words.append(w)
+    return words
+
+
 _CAPTION_RE = re.compile(
     r"\b(" + "|".join(COLORS) + r") (" + "|".join(SHAPES) + r") ("
     + "|".join(sorted(map(re.escape, WHERE.values()), key=len, reverse=True)) + r")\b")

@@ -3,8 +3,8 @@ from jaxdiff.nn.layers import (AttentionBlock, Downsample, ResBlock, TimestepMLP
                                dot_product_attention, group_norm, timestep_embedding)
 from jaxdiff.nn.transformer import SpatialTransformer
 from jaxdiff.nn.unet import UNet
-from jaxdiff.nn.unet_cond import UNetCondition
+from jaxdiff.nn.unet_cond import TextConditionedUNet, UNetCondition
 
-__all__ = ["AttentionBlock", "Downsample", "ResBlock", "SpatialTransformer", "TimestepMLP", "UNet",
+__all__ = ["AttentionBlock", "Downsample", "ResBlock", "SpatialTransformer", "TextConditionedUNet", "TimestepMLP", "UNet",
            "UNetCondition", "Upsample", "dot_product_attention", "group_norm",
            "timestep_embedding"]

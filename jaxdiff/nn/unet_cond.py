@@ -311,3 +311,38 @@ class UNetCondition(nn.Module):
         out = out.astype(jnp.float32)
         chex.assert_shape(out, x.shape[:3] + (self.out_channels,))
         return out
+
+
+class TextConditionedUNet(nn.Module):
+    """A text encoder and a :class:`UNetCondition` trained together (text-to-image from scratch).
+
+    Params: ``{"text_encoder": ..., "unet": ...}``, the two halves of a Stable Diffusion folder.
+    The U-Net cross-attends to the encoder's ``last_hidden_state``, masked by ``attention_mask``
+    (padding tokens are never attended to). ``text_encoder.hidden_size`` must equal
+    ``unet.cross_attention_dim``.
+
+        net = TextConditionedUNet(CLIPTextTransformer(...), UNetCondition(...))
+        params = net.init(key, z, t, ids, mask)["params"]
+        pred = net.apply({"params": params}, z, t, ids, mask)                  # [B, H, W, C]
+        ctx = net.apply({"params": params}, ids, mask, method="encode_text")   # once per prompt
+        pred = net.apply({"params": params}, z, t, ctx, mask, method="denoise")
+    """
+    text_encoder: nn.Module
+    unet: UNetCondition
+
+    def encode_text(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        """input_ids, attention_mask: int [B, L] -> context float32 [B, L, D]."""
+        return self.text_encoder(input_ids, attention_mask)[0]
+
+    def denoise(self, x: jax.Array, t: jax.Array, context: jax.Array, context_mask: jax.Array,
+                train: bool = False) -> jax.Array:
+        """The U-Net alone on an already encoded ``context`` [B, L, D] (sampling encodes once)."""
+        return self.unet(x, t, context, context_mask, train=train)
+
+    def __call__(self, x: jax.Array, t: jax.Array, input_ids: jax.Array, attention_mask: jax.Array,
+                 *, train: bool = False) -> jax.Array:
+        if self.text_encoder.hidden_size != self.unet.cross_attention_dim:
+            raise ValueError(
+                f"TextConditionedUNet: the text encoder's hidden_size ({self.text_encoder.hidden_size}) must "
+                f"equal the U-Net's cross_attention_dim ({self.unet.cross_attention_dim}).")
+        return self.denoise(x, t, self.encode_text(input_ids, attention_mask), attention_mask, train)

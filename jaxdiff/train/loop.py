@@ -152,6 +152,8 @@ def _train_diffusion(config: ml_collections.ConfigDict, workdir: str, mesh) -> d
         print(f"Latent diffusion on {dataset}", flush=True)
     model = pipelines.build_model(config, dataset.image_shape, dataset.num_classes,
                                   getattr(dataset, "autoencoder", None))
+    if model.text_conditional:  # captions -> token ids on the host (strings cannot be sharded)
+        dataset = pipelines.TokenizedCaptions(dataset, model)
     schedule = pipelines.build_schedule(config)
     optimizer = _make_optimizer(tc)
 
@@ -403,6 +405,15 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
 
 def _write_samples(config, model, schedule, state, workdir, name) -> str:
     sc = config.sample
+    path = os.path.join(workdir, name)
+    if model.text_conditional:  # one column per prompt of sample.prompts
+        prompts = pipelines.cycle_prompts(list(sc.prompts), config.train.num_samples)
+        images = pipelines.generate_text(model, state.ema_params, schedule, config, prompts=prompts,
+                                         key=jax.random.key(sc.get("seed", 0)))
+        pipelines.save_samples(path, images, ncol=min(len(sc.prompts), len(prompts)), prompts=prompts)
+        if jax.process_index() == 0:
+            print(f"Wrote {path}.png and {path}.npz (columns: {', '.join(list(sc.prompts))})", flush=True)
+        return path + ".png"
     images, labels = pipelines.generate(
         model,
         state.ema_params,
@@ -411,7 +422,6 @@ def _write_samples(config, model, schedule, state, workdir, name) -> str:
         num=config.train.num_samples,
         key=jax.random.key(sc.get("seed", 0)),
     )
-    path = os.path.join(workdir, name)
     pipelines.save_samples(path, images, labels)
     if jax.process_index() == 0:
         print(f"Wrote {path}.png and {path}.npz", flush=True)

@@ -1,0 +1,120 @@
+"""Prompt adherence of a text-to-image run on ``shapes``, at several guidance scales.
+
+    python -m experiments.eval_t2i --workdir=runs/t2i_shapes            # guidance 1, 3, 7; 378 prompts
+
+Prompts: every (shape, colour, position) combination (189) in each of the first ``--templates``
+caption templates (default 2: 378 prompts). Each guidance scale samples the same prompts from the
+same noise (``--seed``), so the columns of the grid differ only in the guidance. The images are
+read by :func:`jaxdiff.eval.shapes.adherence` (colour, position and shape from pixels).
+
+Prints a table (attribute, chance, accuracy per guidance scale) and writes ``--out``.json (the
+figures), ``--out``.png (one row per guidance scale, the same ``--grid_prompts`` prompts in the
+columns) and ``--out``.npz (``images`` uint8 [G, N, H, W, 3], ``prompts`` [N], ``guidance`` [G]).
+"""
+import json
+import os
+import sys
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command's flags; defined only when run as a script, so :func:`evaluate` imports cleanly."""
+    flags.DEFINE_string("workdir", "runs/t2i_shapes", "Text-to-image run directory.")
+    flags.DEFINE_list("guidance", ["1", "3", "7"], "Guidance scales (1 = no guidance).")
+    flags.DEFINE_integer("templates", 2, "Caption templates per combination (189 prompts each).")
+    flags.DEFINE_string("sampler", None, "Sampler (default: the config's).")
+    flags.DEFINE_integer("steps", None, "Sampling steps (default: the config's).")
+    flags.DEFINE_integer("seed", 0, "PRNG seed of the sampling noise.")
+    flags.DEFINE_integer("batch_size", 189, "Images per compiled sampler call.")
+    flags.DEFINE_integer("grid_prompts", 12, "Prompts (columns) in the PNG grid.")
+    flags.DEFINE_string("out", None, "Output path without extension (default: WORKDIR/eval_t2i).")
+
+
+def evaluate(run, guidance_scales, *, templates=2, seed=0, batch_size=189, **sampler):
+    """Sample every prompt at every guidance scale; returns ``(prompts, images [G, N, H, W, 3], results)``
+    with ``results[g]`` the :func:`jaxdiff.eval.shapes.adherence` dict of guidance ``g``."""
+    import jax
+    import numpy as np
+
+    from jaxdiff import pipelines
+    from jaxdiff.data import shapes
+    from jaxdiff.eval.shapes import adherence
+
+    if not 1 <= templates <= len(shapes.TEMPLATES):
+        raise ValueError(f"--templates must be in [1, {len(shapes.TEMPLATES)}], got {templates}.")
+    labels = np.concatenate([shapes.all_labels()] * templates)
+    prompts = [p for t in range(templates) for p in shapes.all_prompts(t)]
+    all_images, results = [], {}
+    for g in guidance_scales:
+        t0 = time.perf_counter()
+        images = pipelines.generate_text(run.model, run.params, run.schedule, run.config, prompts=prompts,
+                                         key=jax.random.key(seed), batch_size=batch_size, guidance=float(g), **sampler)
+        r = adherence(images, labels[:, 0], labels[:, 1], labels[:, 2])
+        r["seconds"] = time.perf_counter() - t0
+        results[float(g)] = r
+        all_images.append(images)
+        print(f"guidance {g}: colour {r['color_accuracy']:.3f}, position {r['position_accuracy']:.3f}, shape "
+              f"{r['shape_accuracy']:.3f}, all three {r['all_accuracy']:.3f} ({len(prompts)} prompts, "
+              f"{r['seconds']:.0f} s)", flush=True)
+    return prompts, np.stack(all_images), results
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    import numpy as np
+
+    from jaxdiff import pipelines
+    from jaxdiff.train.checkpoint import CheckpointError
+
+    try:
+        guidance = [float(g) for g in FLAGS.guidance]
+    except ValueError:
+        print(f"error: --guidance must be numbers, got {FLAGS.guidance}", file=sys.stderr)
+        return 2
+    try:
+        run = pipelines.load_run(FLAGS.workdir)
+    except (FileNotFoundError, CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not run.model.text_conditional or run.config.data.name != "shapes":
+        print(f"error: {FLAGS.workdir} is not a text-to-image run on 'shapes' (see experiments/configs/t2i_shapes.py)",
+              file=sys.stderr)
+        return 2
+    try:
+        prompts, images, results = evaluate(run, guidance, templates=FLAGS.templates, seed=FLAGS.seed,
+                                            batch_size=FLAGS.batch_size, method=FLAGS.sampler, num_steps=FLAGS.steps)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    s = pipelines.sampler_settings(run.config, method=FLAGS.sampler, num_steps=FLAGS.steps)
+    out = FLAGS.out or os.path.join(FLAGS.workdir, "eval_t2i")
+    first = results[guidance[0]]
+    print(f"\n{FLAGS.workdir} step {run.step}, {s['method']} {s['num_steps']} steps, {len(prompts)} prompts")
+    print(f"{'attribute':<10} {'chance':>7} " + " ".join(f"{'w=' + format(g, 'g'):>7}" for g in guidance))
+    for k in ("color", "position", "shape", "all"):
+        print(f"{k:<10} {first[k + '_chance']:>7.3f} " + " ".join(f"{results[g][k + '_accuracy']:>7.3f}" for g in guidance))
+    print(f"{'empty':<10} {'':>7} " + " ".join(f"{results[g]['empty_fraction']:>7.3f}" for g in guidance))
+    # The grid: rows = guidance scales, columns = prompts spread over the combinations.
+    cols = np.linspace(0, len(prompts) // FLAGS.templates - 1, min(FLAGS.grid_prompts, len(prompts))).round().astype(int)
+    grid = images[:, cols].reshape(-1, *images.shape[2:])
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    pipelines.save_png(out + ".png", pipelines.make_grid(grid, ncol=len(cols)), scale=2)
+    np.savez(out + ".npz", images=images, prompts=np.asarray(prompts, dtype=str), guidance=np.asarray(guidance))
+    with open(out + ".json", "w") as f:
+        json.dump({"workdir": os.path.abspath(FLAGS.workdir), "step": run.step, "sampler": s,
+                   "num_prompts": len(prompts), "templates": FLAGS.templates, "seed": FLAGS.seed,
+                   "grid_columns": [prompts[i] for i in cols],
+                   "results": {format(g, "g"): r for g, r in results.items()}}, f, indent=2)
+    print(f"Wrote {out}.json, {out}.png (rows: guidance {', '.join(format(g, 'g') for g in guidance)}; columns: "
+          f"{'; '.join(prompts[i] for i in cols[:3])}; ...) and {out}.npz")
+    return 0
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
