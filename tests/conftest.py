@@ -27,6 +27,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     # Only the process that made it (the xdist controller) removes it, after its workers exit.
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+# One OpenMP thread for torch (the reference implementations) in every test process: on this
+# 2-core CPU torch's default two threads contend with XLA's pool and another xdist worker (a tiny
+# UNet2DConditionModel forward: 2.0 s with 2 threads, 0.024 s with 1). Results agree to rounding.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 if "xla_llvm_disable_expensive_passes" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_llvm_disable_expensive_passes=true").strip()
 
@@ -64,7 +68,7 @@ def torch_one_thread():
 # part (test_latent: the shared VAE runs, ~70 s twice; test_text_to_image: the SD folder, the
 # torch pipeline and the compiled generation), so each runs on one worker as a unit; every other
 # test is still scheduled on its own, as with "load".
-ONE_WORKER_MODULES = ("tests/test_latent.py", "tests/test_text_to_image.py")
+ONE_WORKER_MODULES = ("tests/test_latent.py", "tests/test_text_to_image.py", "tests/test_t2i.py")
 
 
 @pytest.hookimpl(optionalhook=True)

@@ -3,6 +3,7 @@ conditioned U-Net (padding never matters), tokenized batches (pixel and latent),
 an end-to-end tiny run on ``shapes`` (train, resume, sample by prompt from Python and the CLI,
 guidance), and the bad-input rules."""
 import dataclasses
+import json
 import os
 
 import jax
@@ -217,6 +218,13 @@ def test_sample_cli_by_prompt(data_dir, tiny_run, tmp_path, capsys):
     assert saved["images"].shape == (4, 8, 8, 3)
     assert list(saved["prompts"]) == ["a green triangle on the right", "a white square at the bottom"] * 2
     assert os.path.exists(out + ".png") and "one column per prompt" in capsys.readouterr().out
+    # python -m jaxdiff.eval scores such a file for prompt adherence.
+    from jaxdiff.eval.__main__ import main as eval_main
+
+    assert eval_main(["--samples", out + ".npz", "--json", out + ".json"]) == 0
+    assert "shapes prompt adherence" in capsys.readouterr().out
+    with open(out + ".json") as f:
+        assert json.load(f) == adherence_to_captions(saved["images"], list(saved["prompts"]))
     assert _sample_cli(f"--workdir={workdir}", "--prompt=a purple blob", f"--out={out}") == 2
     assert "outside the model's vocabulary" in capsys.readouterr().err
     assert _sample_cli(f"--workdir={workdir}", "--labels=3", f"--out={out}") == 2

@@ -26,12 +26,12 @@ def get_config():
 
     c.model = ml_collections.ConfigDict()  # jaxdiff.nn.UNetCondition on 8x8x4 latents: levels 8, 4, 2
     c.model.type = "text_unet"
-    c.model.block_out_channels = (64, 128, 128)
+    c.model.block_out_channels = (32, 64, 64)
     c.model.layers_per_block = 1
     c.model.down_block_types = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
     c.model.up_block_types = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
     c.model.mid_block_type = "UNetMidBlock2DCrossAttn"
-    c.model.attention_head_dim = 4  # number of heads (diffusers' naming)
+    c.model.attention_head_dim = 2  # number of heads (diffusers' naming): 16- and 32-wide heads
     c.model.transformer_layers_per_block = 1
     c.model.use_linear_projection = True
     c.model.norm_num_groups = 8
@@ -42,14 +42,15 @@ def get_config():
     c.text = ml_collections.ConfigDict()  # jaxdiff.nn.text.CLIPTextTransformer, trained from scratch
     c.text.words = shapes.vocabulary()
     c.text.max_length = 16  # bos + up to 14 words + eos; the longest caption has 11 tokens
-    c.text.hidden_size = 128  # = the U-Net's cross_attention_dim
-    c.text.intermediate_size = 256
+    c.text.hidden_size = 64  # = the U-Net's cross_attention_dim
+    c.text.intermediate_size = 128
     c.text.num_layers = 2
     c.text.num_heads = 4
 
     c.diffusion.p_uncond = 0.1  # caption dropout for classifier-free guidance
 
-    c.train.num_steps = 3000
+    c.train.num_steps = 2500
+    c.train.lr = 1.5e-3
     c.train.batch_size = 64
     c.train.checkpoint_every = 500
     c.train.num_samples = 36

@@ -1,7 +1,9 @@
 """``python -m jaxdiff.eval --samples FILE.npz [--data_dir DIR] [--json OUT.json]``
 
 Scores generated digits: the npz holds ``images`` uint8 [N, H, W, 1] and optionally ``labels`` int [N]
-(the classes the samples were conditioned on). Prints a table; exit code 2 on bad input.
+(the classes the samples were conditioned on). An npz with ``prompts`` [N] (``experiments.sample`` on
+a text-to-image ``shapes`` run) is scored for prompt adherence instead (colour, position, shape read
+from the pixels; ``jaxdiff.eval.shapes``). Prints a table; exit code 2 on bad input.
 """
 from __future__ import annotations
 
@@ -39,17 +41,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 return fail(f"{args.samples!r} has no 'images' array (it has {npz.files}).")
             images = npz["images"]
             labels = npz["labels"] if "labels" in npz.files else None
+            prompts = [str(p) for p in npz["prompts"]] if "prompts" in npz.files else None
     except (OSError, ValueError) as e:
         return fail(f"cannot read {args.samples!r} as an npz file: {e}")
 
-    from jaxdiff.eval.classifier import evaluate_digits
-
     try:
-        result = evaluate_digits(images, labels, data_dir=args.data_dir)
+        if prompts is not None:
+            from jaxdiff.eval.shapes import adherence_to_captions
+
+            result, what = adherence_to_captions(images, prompts), "shapes prompt adherence"
+        else:
+            from jaxdiff.eval.classifier import evaluate_digits
+
+            result, what = evaluate_digits(images, labels, data_dir=args.data_dir), "digits evaluation"
     except ValueError as e:
         return fail(str(e))
     width = max(len(k) for k in result)
-    print(f"digits evaluation of {args.samples}")
+    print(f"{what} of {args.samples}")
     for key, value in result.items():
         print(f"  {key:<{width}}  {_fmt(value)}")
     if args.json:
