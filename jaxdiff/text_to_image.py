@@ -178,32 +178,9 @@ def _read_json(path: str) -> dict:
 def load_clip_tokenizer(folder: str) -> CLIPTokenizer:
     """A CLIP tokenizer folder: ``vocab.json`` + ``merges.txt`` (SD checkpoints on the Hub), or only
     ``tokenizer.json`` (what transformers >= 5 ``save_pretrained`` writes), plus the special-token
-    settings of ``tokenizer_config.json`` / ``special_tokens_map.json``."""
-    if os.path.isfile(os.path.join(folder, "vocab.json")) and os.path.isfile(os.path.join(folder, "merges.txt")):
-        return CLIPTokenizer.from_folder(folder)
-    tj = os.path.join(folder, "tokenizer.json")
-    if not os.path.isfile(tj):
-        raise FileNotFoundError(f"load_stable_diffusion: {folder} has neither vocab.json + merges.txt nor "
-                                "tokenizer.json: not a CLIP tokenizer folder")
-    model = _read_json(tj).get("model", {})
-    if model.get("type") != "BPE" or "vocab" not in model or "merges" not in model:
-        raise ValueError(f"load_stable_diffusion: {tj} does not hold a BPE model (vocab + merges)")
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    kwargs: dict[str, Any] = {}
-    max_len = 77
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):  # the latter wins, as in from_folder
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path):
-            continue
-        cfg = _read_json(path)
-        m = cfg.get("model_max_length")
-        if isinstance(m, (int, float)) and 0 < m < 1e6:
-            max_len = int(m)
-        for role in ("bos", "eos", "pad", "unk"):
-            tok = cfg.get(f"{role}_token")
-            if tok is not None:
-                kwargs[f"{role}_token"] = tok["content"] if isinstance(tok, dict) else str(tok)
-    return CLIPTokenizer(model["vocab"], merges, model_max_length=max_len, **kwargs)
+    settings of ``tokenizer_config.json`` / ``special_tokens_map.json``; see
+    :meth:`CLIPTokenizer.from_folder`, which reads both layouts."""
+    return CLIPTokenizer.from_folder(folder)
 
 
 def load_stable_diffusion(folder: str, *, dtype: Any = None,
@@ -246,7 +223,7 @@ def load_stable_diffusion(folder: str, *, dtype: Any = None,
     text_encoder, te_params = load_transformers_clip_text(te_folder, dtype=dtype,
                                                           implementation=attention_implementation)
     te_cfg = _read_json(os.path.join(te_folder, "config.json"))
-    tokenizer = load_clip_tokenizer(os.path.join(folder, "tokenizer"))
+    tokenizer = CLIPTokenizer.from_folder(os.path.join(folder, "tokenizer"))
 
     if unet.cross_attention_dim != text_encoder.hidden_size:
         raise ValueError(f"load_stable_diffusion: unet cross_attention_dim={unet.cross_attention_dim} but the text "

@@ -1,7 +1,8 @@
 """Text tokenizers producing ``{"input_ids", "attention_mask"}`` int32 NumPy arrays [B, L].
 
 * :class:`CLIPTokenizer`: CLIP's byte-level BPE, reading ``vocab.json`` + ``merges.txt`` (a
-  Stable Diffusion ``tokenizer/`` folder). Ids equal transformers' ``CLIPTokenizer`` (the
+  Stable Diffusion ``tokenizer/`` folder on the Hub) or ``tokenizer.json`` (what transformers 5
+  ``save_pretrained`` writes). Ids equal transformers' ``CLIPTokenizer`` (the
   tokenizers-backed one of transformers 5; the slow tokenizer without ftfy agrees except for
   CJK characters and control characters, which it splits/drops differently).
 * :class:`WordTokenizer`: a word-level vocabulary for the small embedded datasets.
@@ -152,39 +153,41 @@ class CLIPTokenizer:
 
     @classmethod
     def from_folder(cls, folder: str) -> "CLIPTokenizer":
-        """A ``tokenizer/`` folder: vocab.json, merges.txt and optionally tokenizer_config.json
-        and special_tokens_map.json (the latter wins), which set bos/eos/pad/unk tokens and
-        model_max_length. A special token given as a dict with ``"normalized": true`` in every
-        place it appears is matched after lower-casing, as transformers does."""
+        """A ``tokenizer/`` folder in either layout: ``vocab.json`` + ``merges.txt`` (Stable
+        Diffusion checkpoints on the Hub), or else only ``tokenizer.json`` (what transformers >= 5
+        ``save_pretrained`` writes; its BPE ``model`` holds the vocabulary and merges). Optional
+        ``tokenizer_config.json`` and ``special_tokens_map.json`` (the latter wins) set the
+        bos/eos/pad/unk tokens and ``model_max_length``.
+
+        With vocab.json + merges.txt, ``model_max_length`` is read from tokenizer_config.json,
+        and a special token given as a dict with ``"normalized": true`` in every place it
+        appears is matched after lower-casing, as transformers does. With tokenizer.json,
+        ``model_max_length`` may come from either file and special tokens are always matched on
+        the raw text.
+
+        A missing folder, or one with neither layout, raises FileNotFoundError; a tokenizer.json
+        without a BPE model raises ValueError.
+        """
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"CLIPTokenizer: folder {folder} not found")
-        defs: dict = {}  # role -> list of definitions (str or dict)
-        max_len = 77
-        for name in ("tokenizer_config.json", "special_tokens_map.json"):
-            path = os.path.join(folder, name)
-            if not os.path.isfile(path):
-                continue
-            with open(path, encoding="utf-8") as fh:
-                cfg = json.load(fh)
-            if name == "tokenizer_config.json":
-                m = cfg.get("model_max_length")
-                if isinstance(m, (int, float)) and 0 < m < 1e6:
-                    max_len = int(m)
-            for role in ("bos", "eos", "pad", "unk"):
-                if cfg.get(f"{role}_token") is not None:
-                    defs.setdefault(role, []).append(cfg[f"{role}_token"])
-        content = lambda d: d["content"] if isinstance(d, dict) else str(d)  # noqa: E731
-        kwargs: dict[str, Any] = {}
-        by_content: dict = {}
-        for role, ds in defs.items():
-            kwargs[f"{role}_token"] = content(ds[-1])
-            by_content.setdefault(content(ds[-1]), []).extend(
-                d for d in ds if content(d) == content(ds[-1]))
-        normalized = [c for c, ds in by_content.items()
-                      if all(isinstance(d, dict) and d.get("normalized", False) for d in ds)]
-        return cls.from_files(os.path.join(folder, "vocab.json"),
-                              os.path.join(folder, "merges.txt"), model_max_length=max_len,
-                              normalized_special=normalized, **kwargs)
+        vocab_file = os.path.join(folder, "vocab.json")
+        merges_file = os.path.join(folder, "merges.txt")
+        if os.path.isfile(vocab_file) and os.path.isfile(merges_file):
+            max_len, kwargs, normalized = _special_token_settings(folder)
+            return cls.from_files(vocab_file, merges_file, model_max_length=max_len,
+                                  normalized_special=normalized, **kwargs)
+        tj = os.path.join(folder, "tokenizer.json")
+        if not os.path.isfile(tj):
+            raise FileNotFoundError(f"CLIPTokenizer: {folder} has neither vocab.json + merges.txt "
+                                    "nor tokenizer.json: not a CLIP tokenizer folder")
+        with open(tj, encoding="utf-8") as fh:
+            model = json.load(fh).get("model", {})
+        if model.get("type") != "BPE" or "vocab" not in model or "merges" not in model:
+            raise ValueError(f"CLIPTokenizer: {tj} does not hold a BPE model (vocab + merges)")
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
+                  for m in model["merges"]]
+        max_len, kwargs, _ = _special_token_settings(folder, max_length_in_any_file=True)
+        return cls(model["vocab"], merges, model_max_length=max_len, **kwargs)
 
     # -- ids of special tokens ---------------------------------------------------------------
     @property
@@ -267,6 +270,40 @@ class CLIPTokenizer:
                         if not (skip_special_tokens and i in special))
         data = bytearray(self._byte_decoder[c] for c in chars)
         return data.decode("utf-8", errors="replace").replace("</w>", " ").strip()
+
+
+def _special_token_settings(folder: str, *, max_length_in_any_file: bool = False) -> tuple:
+    """``(model_max_length, {"<role>_token": content}, normalized contents)`` from a tokenizer
+    folder's tokenizer_config.json and special_tokens_map.json (both optional; read in this
+    order, later definitions win). ``model_max_length`` (default 77) comes from
+    tokenizer_config.json, or from either file with ``max_length_in_any_file``. A special token
+    counts as normalized when every definition of its content is a dict with ``"normalized":
+    true``."""
+    defs: dict = {}  # role -> list of definitions (str or dict)
+    max_len = 77
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        with open(path, encoding="utf-8") as fh:
+            cfg = json.load(fh)
+        if name == "tokenizer_config.json" or max_length_in_any_file:
+            m = cfg.get("model_max_length")
+            if isinstance(m, (int, float)) and 0 < m < 1e6:
+                max_len = int(m)
+        for role in ("bos", "eos", "pad", "unk"):
+            if cfg.get(f"{role}_token") is not None:
+                defs.setdefault(role, []).append(cfg[f"{role}_token"])
+    content = lambda d: d["content"] if isinstance(d, dict) else str(d)  # noqa: E731
+    kwargs: dict[str, Any] = {}
+    by_content: dict = {}
+    for role, ds in defs.items():
+        kwargs[f"{role}_token"] = content(ds[-1])
+        by_content.setdefault(content(ds[-1]), []).extend(
+            d for d in ds if content(d) == content(ds[-1]))
+    normalized = [c for c, ds in by_content.items()
+                  if all(isinstance(d, dict) and d.get("normalized", False) for d in ds)]
+    return max_len, kwargs, normalized
 
 
 def _alternation(tokens) -> Optional[Any]:

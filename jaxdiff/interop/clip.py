@@ -19,6 +19,9 @@ from typing import Any, Optional
 
 import numpy as np
 
+from jaxdiff.interop._common import (compare_shapes, mismatch_error, set_param,
+                                     torch_kernel_to_flax, torch_tensor_name)
+
 _DEFAULTS = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
                  num_attention_heads=8, max_position_embeddings=77, layer_norm_eps=1e-5,
                  hidden_act="quick_gelu", eos_token_id=49407)  # transformers' CLIPTextConfig
@@ -82,7 +85,7 @@ def _module_path(module: str) -> Optional[tuple]:
 def _torch_name(path: tuple) -> str:
     """Our param path -> transformers key (unprefixed), for error messages."""
     *mods, leaf = path
-    tname = {"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(leaf, leaf)
+    tname = torch_tensor_name(leaf)
     if mods[0].startswith("layers_"):
         return ".".join(["encoder.layers", mods[0][7:], *mods[1:], tname])
     inv = {v[0]: k for k, v in _TOP.items()}
@@ -159,7 +162,7 @@ def clip_text_params_from_transformers(state_dict: Mapping[str, np.ndarray],
             if w.ndim != 2:
                 raise ValueError(f"clip_text_params_from_transformers: {key!r} has shape "
                                  f"{w.shape}, expected a 2-D Linear weight")
-            w = np.ascontiguousarray(w.T)  # (out, in) -> (in, out)
+            w = torch_kernel_to_flax(w)  # (out, in) -> (in, out)
         full = path + (leaf,)
         if full in source:
             raise ValueError(f"clip_text_params_from_transformers: {key!r} and {source[full]!r} "
@@ -180,27 +183,17 @@ def clip_text_params_from_transformers(state_dict: Mapping[str, np.ndarray],
         kw = _infer_dims(flat)
     want = _expected_shapes(kw)
     got = {p: tuple(w.shape) for p, w in flat.items()}
-    missing = sorted(_torch_name(p) for p in want if p not in got)
-    extra = sorted(source[p] for p in got if p not in want)
-    bad = sorted(f"{source[p]}: converted {got[p]}, expected {want[p]}"
-                 for p in got if p in want and got[p] != want[p])
-    if missing or extra or bad:
-        msg = ["clip_text_params_from_transformers: state dict does not match "
-               + ("the config:" if config is not None else "itself (sizes inferred from "
-                  "token_embedding / position_embedding / fc1 / layer count):")]
-        if missing:
-            msg.append(f"missing keys: {missing}")
-        if extra:
-            msg.append(f"unexpected keys: {extra}")
-        if bad:
-            msg.append(f"shape mismatches: {bad}")
-        raise ValueError("\n".join(msg))
+    missing, extra, bad = compare_shapes(got, want, source, _torch_name)
+    err = mismatch_error(
+        "clip_text_params_from_transformers: state dict does not match "
+        + ("the config:" if config is not None else "itself (sizes inferred from "
+           "token_embedding / position_embedding / fc1 / layer count):"),
+        missing=missing, unexpected=extra, shape=bad)
+    if err is not None:
+        raise err
 
     for path, w in flat.items():
-        node = params
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = w
+        set_param(params, path, w)
     return params
 
 

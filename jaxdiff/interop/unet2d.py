@@ -19,6 +19,10 @@ from typing import Any, Optional
 
 import numpy as np
 
+from jaxdiff.interop._common import (LEGACY_ATTENTION, abstract_param_shapes, check_fixed_options,
+                                     compare_shapes, flatten_params, mismatch_error, set_param,
+                                     torch_kernel_to_flax, torch_tensor_name)
+
 _DOWN, _UP = "DownBlock2D", "UpBlock2D"
 _ATTN_DOWN, _ATTN_UP = "AttnDownBlock2D", "AttnUpBlock2D"
 
@@ -55,10 +59,7 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> dict:
     cls = cfg.get("_class_name", "UNet2DModel")
     if cls != "UNet2DModel":
         raise ValueError(f"unet_config_from_diffusers: expected a UNet2DModel config, got {cls}")
-    for key, ok in _FIXED.items():
-        if key in cfg and cfg[key] not in ok:
-            raise ValueError(f"unet_config_from_diffusers: unsupported {key}={cfg[key]!r} "
-                             f"(supported: {ok})")
+    check_fixed_options(cfg, _FIXED, "unet_config_from_diffusers")
 
     boc = list(cfg.get("block_out_channels", (224, 448, 672, 896)))
     down = [d[7:] if d.startswith("UNetRes") else d for d in
@@ -134,7 +135,6 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Weights.
 
-_LEGACY_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 _NORMS = {"norm1", "norm2", "group_norm", "norm_out"}
 _RES_LEAVES = {"norm1", "conv1", "time_emb_proj", "norm2", "conv2", "conv_shortcut"}
 _ATTN_LEAVES = {"group_norm", "to_q", "to_k", "to_v", "to_out"}
@@ -190,8 +190,7 @@ def _diffusers_name(path: tuple, num_levels: int) -> str:
         prefix = "mid_block.attentions.0"
     else:
         prefix = {"norm_out": "conv_norm_out"}.get(top, top)
-    tname = {"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(leaf, leaf)
-    return ".".join([prefix, *rest, tname])
+    return ".".join([prefix, *rest, torch_tensor_name(leaf)])
 
 
 def _convert_leaf(module_path: tuple, tname: str, w: np.ndarray, key: str):
@@ -207,10 +206,8 @@ def _convert_leaf(module_path: tuple, tname: str, w: np.ndarray, key: str):
         return "embedding", w
     if mod in ("to_q", "to_k", "to_v", "to_out") and w.ndim == 4:  # legacy 1x1-conv attention
         w = w.reshape(w.shape[:2])
-    if w.ndim == 4:
-        return "kernel", np.transpose(w, (2, 3, 1, 0))  # OIHW -> HWIO
-    if w.ndim == 2:
-        return "kernel", np.ascontiguousarray(w.T)  # (out, in) -> (in, out)
+    if w.ndim in (2, 4):
+        return "kernel", torch_kernel_to_flax(w)  # OIHW -> HWIO, (out, in) -> (in, out)
     raise ValueError(f"unet_params_from_diffusers: tensor {key!r} has unexpected rank {w.ndim}")
 
 
@@ -229,18 +226,7 @@ def _expected_shapes(config: Mapping[str, Any]) -> dict:
     x = jax.ShapeDtypeStruct((b, *hw, int(config.get("in_channels", 3))), jnp.float32)
     t = jax.ShapeDtypeStruct((b,), jnp.float32)
     y = None if kwargs["num_classes"] is None else jax.ShapeDtypeStruct((b,), jnp.int32)
-    tree = jax.eval_shape(UNet(**kwargs).init, jax.random.key(0), x, t, y)["params"]
-    return {path: tuple(leaf.shape) for path, leaf in _flatten(tree).items()}
-
-
-def _flatten(tree, prefix=()):
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
+    return abstract_param_shapes(UNet(**kwargs), x, t, y)
 
 
 def unet_params_from_diffusers(state_dict: Mapping[str, np.ndarray],
@@ -268,8 +254,8 @@ def unet_params_from_diffusers(state_dict: Mapping[str, np.ndarray],
     for key in keys:
         module, _, tname = key.rpartition(".")
         parts = module.split(".")
-        if len(parts) >= 2 and parts[-1] in _LEGACY_ATTN and parts[-2].isdigit():
-            module = ".".join(parts[:-1] + [_LEGACY_ATTN[parts[-1]]])
+        if len(parts) >= 2 and parts[-1] in LEGACY_ATTENTION and parts[-2].isdigit():
+            module = ".".join(parts[:-1] + [LEGACY_ATTENTION[parts[-1]]])
         path = _module_path(module, num_levels)
         if path is None or tname not in ("weight", "bias"):
             unexpected.append(key)
@@ -280,28 +266,18 @@ def unet_params_from_diffusers(state_dict: Mapping[str, np.ndarray],
             raise ValueError(f"unet_params_from_diffusers: {key!r} and {converted[full]!r} both "
                              "map to the same parameter (legacy and current attention names?)")
         converted[full] = key
-        node = params
-        for p in path:
-            node = node.setdefault(p, {})
-        node[leaf] = w
+        set_param(params, full, w)
     if unexpected:
         raise ValueError("unet_params_from_diffusers: unexpected keys (not part of a supported "
                          f"UNet2DModel): {sorted(unexpected)}")
 
     if config is not None:
         want = _expected_shapes(config)
-        got = {path: tuple(w.shape) for path, w in _flatten(params).items()}
-        missing = sorted(_diffusers_name(p, num_levels) for p in want if p not in got)
-        extra = sorted(converted[p] for p in got if p not in want)
-        shape = sorted(f"{converted[p]}: converted {got[p]}, expected {want[p]}"
-                       for p in got if p in want and got[p] != want[p])
-        if missing or extra or shape:
-            msg = ["unet_params_from_diffusers: state dict does not match the config:"]
-            if missing:
-                msg.append(f"missing keys: {missing}")
-            if extra:
-                msg.append(f"unexpected keys: {extra}")
-            if shape:
-                msg.append(f"shape mismatches: {shape}")
-            raise ValueError("\n".join(msg))
+        got = {path: tuple(w.shape) for path, w in flatten_params(params).items()}
+        missing, extra, shape = compare_shapes(got, want, converted,
+                                               lambda p: _diffusers_name(p, num_levels))
+        err = mismatch_error("unet_params_from_diffusers: state dict does not match the config:",
+                             missing=missing, unexpected=extra, shape=shape)
+        if err is not None:
+            raise err
     return params

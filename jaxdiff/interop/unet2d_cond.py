@@ -16,12 +16,13 @@ diffusers keys. Only safetensors is read; no torch here.
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any, Optional
 
 import numpy as np
 
+from jaxdiff.interop._common import (abstract_param_shapes, check_fixed_options, convert_checked,
+                                     diffusers_key_to_path, path_to_diffusers_key)
 from jaxdiff.interop.safetensors_io import read_diffusers_folder
 
 _DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -106,9 +107,7 @@ def unet2d_condition_config_from_diffusers(config: Mapping[str, Any]) -> dict:
     unknown = sorted(set(cfg) - set(_FIXED) - _MAPPED)
     if unknown:
         raise _err(f"unsupported config keys {unknown}")
-    for key, ok in _FIXED.items():
-        if key in cfg and cfg[key] not in ok:
-            raise _err(f"unsupported {key}={cfg[key]!r} (supported: {ok})")
+    check_fixed_options(cfg, _FIXED, "unet2d_condition_config_from_diffusers")
 
     boc = tuple(int(c) for c in cfg.get("block_out_channels", (320, 640, 1280, 1280)))
     down = tuple(cfg.get("down_block_types", ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)))
@@ -173,44 +172,12 @@ def unet2d_condition_config_from_diffusers(config: Mapping[str, Any]) -> dict:
 
 def _our_path(key: str) -> Optional[tuple]:
     """diffusers key -> our parameter path (module names..., leaf name), or None."""
-    *mods, tname = key.split(".")
-    if tname not in ("weight", "bias") or not mods:
-        return None
-    out: list = []
-    for part in mods:
-        if part.isdigit():
-            if not out:
-                return None
-            if out[-1] == "to_out" and part == "0":
-                continue
-            if out[-1] not in _INDEXED:
-                return None
-            out[-1] = f"{out[-1]}_{part}"
-        else:
-            out.append(part)
-    leaf = "bias" if tname == "bias" else ("scale" if out[-1] in _NORMS else "kernel")
-    return tuple(out) + (leaf,)
+    return diffusers_key_to_path(key, indexed=_INDEXED, norms=_NORMS)
 
 
 def _diffusers_key(path: tuple) -> str:
     """Inverse of :func:`_our_path`, for error messages."""
-    *mods, leaf = path
-    parts = []
-    for m in mods:
-        hit = re.fullmatch(r"(%s)_(\d+)" % "|".join(_INDEXED), m)
-        parts.append(f"{hit.group(1)}.{hit.group(2)}" if hit else
-                     ("to_out.0" if m == "to_out" else m))
-    return ".".join(parts + ["bias" if leaf == "bias" else "weight"])
-
-
-def _flatten(tree, prefix=()):
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
+    return path_to_diffusers_key(path, indexed=_INDEXED)
 
 
 def expected_param_shapes(kwargs: Mapping[str, Any]) -> dict:
@@ -220,22 +187,11 @@ def expected_param_shapes(kwargs: Mapping[str, Any]) -> dict:
 
     from jaxdiff.nn.unet_cond import UNetCondition  # a lower room; imported lazily
 
-    model = UNetCondition(**kwargs)
     f = 2 ** (len(kwargs["block_out_channels"]) - 1)
     x = jax.ShapeDtypeStruct((1, f, f, kwargs["in_channels"]), jnp.float32)
     t = jax.ShapeDtypeStruct((1,), jnp.float32)
     ctx = jax.ShapeDtypeStruct((1, 1, kwargs["cross_attention_dim"]), jnp.float32)
-    tree = jax.eval_shape(model.init, jax.random.key(0), x, t, ctx)["params"]
-    return {p: tuple(v.shape) for p, v in _flatten(tree).items()}
-
-
-def _convert(w: np.ndarray, leaf: str) -> np.ndarray:
-    w = np.asarray(w, dtype=np.float32)
-    if leaf == "kernel" and w.ndim == 4:
-        return np.ascontiguousarray(np.transpose(w, (2, 3, 1, 0)))  # OIHW -> HWIO
-    if leaf == "kernel" and w.ndim == 2:
-        return np.ascontiguousarray(w.T)  # (out, in) -> (in, out)
-    return w
+    return abstract_param_shapes(UNetCondition(**kwargs), x, t, ctx)
 
 
 def convert_unet2d_condition_state_dict(state_dict: Mapping[str, np.ndarray],
@@ -248,36 +204,11 @@ def convert_unet2d_condition_state_dict(state_dict: Mapping[str, np.ndarray],
     tensors raise ValueError listing the diffusers keys (with both shapes for mismatches).
     """
     want = expected_param_shapes(unet2d_condition_config_from_diffusers(config))
-    params: dict = {}
-    seen = set()
-    unexpected, shape = [], []
-    for key in state_dict:
-        path = _our_path(key)
-        if path is None or path not in want:
-            unexpected.append(key)
-            continue
-        seen.add(path)
-        w = _convert(state_dict[key], path[-1])
-        if tuple(w.shape) != want[path]:
-            shape.append(f"{key}: {tuple(np.shape(state_dict[key]))} converts to "
-                         f"{tuple(w.shape)}, expected {want[path]}")
-            continue
-        node = params
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = w
-    missing = sorted(_diffusers_key(p) for p in want if p not in seen)
-    if unexpected or missing or shape:
-        msg = ["convert_unet2d_condition_state_dict: state dict does not match the "
-               "UNet2DConditionModel config:"]
-        if missing:
-            msg.append(f"missing keys: {missing}")
-        if unexpected:
-            msg.append(f"unexpected keys: {sorted(unexpected)}")
-        if shape:
-            msg.append(f"shape mismatches: {shape}")
-        raise ValueError("\n".join(msg))
-    return params
+    return convert_checked(
+        state_dict, want, to_path=_our_path, to_key=_diffusers_key,
+        header="convert_unet2d_condition_state_dict: state dict does not match the "
+               "UNet2DConditionModel config:",
+        reject_duplicates=False)  # two keys of one parameter (to_out.0 / to_out): the later wins
 
 
 def load_unet2d_condition(folder: str, *, subfolder: Optional[str] = None,

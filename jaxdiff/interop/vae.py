@@ -23,6 +23,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from jaxdiff.interop._common import (abstract_param_shapes, convert_checked, convert_leaf,
+                                     diffusers_key_to_path, path_to_diffusers_key)
 from jaxdiff.interop.safetensors_io import read_diffusers_folder
 
 _KNOWN = {"in_channels", "out_channels", "down_block_types", "up_block_types",
@@ -31,7 +33,6 @@ _KNOWN = {"in_channels", "out_channels", "down_block_types", "up_block_types",
           "latents_std", "force_upcast", "use_quant_conv", "use_post_quant_conv",
           "mid_block_add_attention"}
 _NORMS = {"norm1", "norm2", "group_norm", "conv_norm_out"}
-_LEGACY_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out"}
 _INDEXED = ("down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers")
 
 
@@ -98,37 +99,14 @@ def vae_config_from_diffusers(config: Mapping[str, Any]) -> dict:
 # Weights.
 
 def _our_path(key: str) -> Optional[tuple]:
-    """diffusers key -> our parameter path (module names..., leaf name), or None."""
-    *mods, tname = key.split(".")
-    if tname not in ("weight", "bias") or not mods:
-        return None
-    out: list = []
-    for i, part in enumerate(mods):
-        if part.isdigit():
-            if not out:
-                return None
-            if out[-1] == "to_out" and part == "0":
-                continue
-            if out[-1] not in _INDEXED:
-                return None
-            out[-1] = f"{out[-1]}_{part}"
-        elif part in _LEGACY_ATTN and i >= 2 and mods[i - 2] == "attentions":
-            out.append(_LEGACY_ATTN[part])  # attentions.N.query -> attentions_N/to_q
-        else:
-            out.append(part)
-    leaf = "bias" if tname == "bias" else ("scale" if out[-1] in _NORMS else "kernel")
-    return tuple(out) + (leaf,)
+    """diffusers key -> our parameter path (module names..., leaf name), or None; legacy
+    attention names (attentions.N.query -> attentions_N/to_q, ...) are accepted."""
+    return diffusers_key_to_path(key, indexed=_INDEXED, norms=_NORMS, legacy_attention=True)
 
 
 def _diffusers_key(path: tuple) -> str:
-    """Inverse of :func:`_our_path`, for error messages."""
-    *mods, leaf = path
-    parts = []
-    for m in mods:
-        hit = re.fullmatch(r"(%s)_(\d+)" % "|".join(_INDEXED), m)
-        parts.append(f"{hit.group(1)}.{hit.group(2)}" if hit else
-                     ("to_out.0" if m == "to_out" else m))
-    return ".".join(parts + ["bias" if leaf == "bias" else "weight"])
+    """Inverse of :func:`_our_path` (current names), for error messages."""
+    return path_to_diffusers_key(path, indexed=_INDEXED)
 
 
 def _infer_config(state_dict: Mapping[str, np.ndarray]) -> dict:
@@ -160,40 +138,22 @@ def _infer_config(state_dict: Mapping[str, np.ndarray]) -> dict:
     return cfg
 
 
-def _flatten(tree, prefix=()):
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
-
-
 def _expected_shapes(kwargs: dict) -> dict:
     import jax
     import jax.numpy as jnp
 
     from jaxdiff.nn.vae import AutoencoderKL  # a lower room; imported lazily
 
-    model = AutoencoderKL(**kwargs)
     f = 2 ** (len(kwargs["block_out_channels"]) - 1)
     x = jax.ShapeDtypeStruct((1, f, f, kwargs["in_channels"]), jnp.float32)
-    tree = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
-    return {p: tuple(v.shape) for p, v in _flatten(tree).items()}
+    return abstract_param_shapes(AutoencoderKL(**kwargs), x)
 
 
 def _convert(w: np.ndarray, leaf: str, want: tuple) -> np.ndarray:
     w = np.asarray(w, dtype=np.float32)
-    if leaf != "kernel":
-        return w
-    if w.ndim == 4 and len(want) == 2 and w.shape[2:] == (1, 1):  # 1x1-conv attention weights
-        w = w[:, :, 0, 0]
-    if w.ndim == 4:
-        return np.ascontiguousarray(np.transpose(w, (2, 3, 1, 0)))  # OIHW -> HWIO
-    if w.ndim == 2:
-        return np.ascontiguousarray(w.T)  # (out, in) -> (in, out)
-    return w
+    if leaf == "kernel" and w.ndim == 4 and len(want) == 2 and w.shape[2:] == (1, 1):
+        w = w[:, :, 0, 0]  # 1x1-conv attention weights
+    return convert_leaf(w, leaf)
 
 
 def vae_params_from_diffusers(state_dict: Mapping[str, np.ndarray],
@@ -209,41 +169,10 @@ def vae_params_from_diffusers(state_dict: Mapping[str, np.ndarray],
     cfg = _infer_config(state_dict) if config is None else config
     kwargs = vae_config_from_diffusers(cfg)
     want = _expected_shapes(kwargs)
-
-    params: dict = {}
-    source: dict = {}
-    unexpected, dup, shape = [], [], []
-    for key in state_dict:
-        path = _our_path(key)
-        if path is None or path not in want:
-            unexpected.append(key)
-            continue
-        if path in source:
-            dup.append(f"{source[path]!r} and {key!r}")
-            continue
-        source[path] = key
-        w = _convert(state_dict[key], path[-1], want[path])
-        if tuple(w.shape) != want[path]:
-            shape.append(f"{key}: {tuple(np.shape(state_dict[key]))} converts to "
-                         f"{tuple(w.shape)}, expected {want[path]}")
-            continue
-        node = params
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = w
-    missing = sorted(_diffusers_key(p) for p in want if p not in source)
-    if unexpected or missing or dup or shape:
-        msg = ["vae_params_from_diffusers: state dict does not match the AutoencoderKL config:"]
-        if missing:
-            msg.append(f"missing keys: {missing}")
-        if unexpected:
-            msg.append(f"unexpected keys: {sorted(unexpected)}")
-        if dup:
-            msg.append(f"keys mapping to the same parameter (legacy and current names?): {dup}")
-        if shape:
-            msg.append(f"shape mismatches: {shape}")
-        raise ValueError("\n".join(msg))
-    return params
+    return convert_checked(
+        state_dict, want, to_path=_our_path, to_key=_diffusers_key, convert=_convert,
+        header="vae_params_from_diffusers: state dict does not match the AutoencoderKL config:",
+        reject_duplicates=True)
 
 
 def load_diffusers_vae(folder: str, *, subfolder: Optional[str] = None,
