@@ -43,7 +43,6 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines off the console
     import jax
-    import numpy as np
 
     from jaxdiff import pipelines
     from jaxdiff.train.checkpoint import CheckpointError

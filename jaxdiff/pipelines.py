@@ -253,6 +253,26 @@ def generate(
     elif labels is not None:
         raise ValueError("This model is unconditional: it takes no labels.")
     guided = model.conditional and float(s["guidance"]) != 1.0
+
+    def batch_args(lo, n):
+        extra = {"params": params}
+        if guided:
+            y = jnp.asarray(labels[lo : lo + n])
+            extra.update(cond=y, null_cond=jnp.full_like(y, model.num_classes),
+                         guidance_scale=jnp.float32(s["guidance"]))
+            return sampling.cfg_model_fn(model.label_model_fn), extra
+        if model.conditional:
+            extra["labels"] = jnp.asarray(labels[lo : lo + n])
+            return model.label_model_fn, extra
+        return model.uncond_model_fn, extra
+
+    return _sample_in_batches(model, schedule, config, s, key, num, batch_size, batch_args), labels
+
+
+def _sample_in_batches(model, schedule, config, s: dict, key, num: int, batch_size: int | None, batch_args) -> np.ndarray:
+    """The sampling loop of :func:`generate` and :func:`generate_text`: batch ``i`` (images ``lo``
+    to ``lo + n``) starts from noise and sampler keys split from ``fold_in(key, i)`` and runs
+    ``batch_args(lo, n) -> (model_fn, extra_args)``; latents are decoded. uint8 [num, H, W, C]."""
     sample_kwargs = dict(method=s["method"], num_steps=int(s["num_steps"]), prediction=config.diffusion.prediction,
                          clip_x0=config.sample.get("clip_x0", 1.0) or None)
     if s["method"] == "ddim":
@@ -263,22 +283,12 @@ def generate(
         n = min(batch_size, num - lo)
         k_noise, k_sample = jax.random.split(jax.random.fold_in(key, i))
         x_T = jax.random.normal(k_noise, (n, *model.image_shape), jnp.float32)
-        extra = {"params": params}
-        if guided:
-            y = jnp.asarray(labels[lo : lo + n])
-            extra.update(cond=y, null_cond=jnp.full_like(y, model.num_classes),
-                         guidance_scale=jnp.float32(s["guidance"]))
-            fn = sampling.cfg_model_fn(model.label_model_fn)
-        elif model.conditional:
-            extra["labels"] = jnp.asarray(labels[lo : lo + n])
-            fn = model.label_model_fn
-        else:
-            fn = model.uncond_model_fn
+        fn, extra = batch_args(lo, n)
         x0 = sampling.sample(fn, schedule, x_T, key=k_sample, extra_args=extra, **sample_kwargs)
         if model.autoencoder is not None:  # latents -> pixels
             x0 = model.autoencoder.decode(x0)
         out.append(np.asarray(to_uint8(x0)))
-    return np.concatenate(out), labels
+    return np.concatenate(out)
 
 
 # ----------------------------------------------------------------------------- images on disk
@@ -788,7 +798,9 @@ class TokenizedCaptions:
         self.dataset, self.model = dataset, model
         self._cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
-    def __getattr__(self, name):
+    def __getattr__(self, name):  # only called for attributes this wrapper lacks
+        if name == "dataset":
+            raise AttributeError(name)
         return getattr(self.dataset, name)
 
     def __repr__(self) -> str:
@@ -848,30 +860,14 @@ def generate_text(
     null_ids, null_mask = model.tokenize([""])
     s = sampler_settings(config, **sampler_overrides)
     guided = float(s["guidance"]) != 1.0
-    sample_kwargs = dict(method=s["method"], num_steps=int(s["num_steps"]), prediction=config.diffusion.prediction,
-                         clip_x0=config.sample.get("clip_x0", 1.0) or None)
-    if s["method"] == "ddim":
-        sample_kwargs["eta"] = float(s["eta"])
     null_ctx = model.encode_text(params, null_ids, null_mask) if guided else None
-    num = len(prompts)
-    batch_size = batch_size or num
-    out = []
-    for i, lo in enumerate(range(0, num, batch_size)):
-        n = min(batch_size, num - lo)
-        k_noise, k_sample = jax.random.split(jax.random.fold_in(key, i))
-        x_T = jax.random.normal(k_noise, (n, *model.image_shape), jnp.float32)
-        m = jnp.asarray(mask[lo : lo + n])
-        cond = (model.encode_text(params, ids[lo : lo + n], mask[lo : lo + n]), m)
-        extra = {"params": params}
+
+    def batch_args(lo, n):
+        cond = (model.encode_text(params, ids[lo : lo + n], mask[lo : lo + n]), jnp.asarray(mask[lo : lo + n]))
         if guided:
-            extra.update(cond=cond, null_cond=(null_ctx, jnp.asarray(null_mask)),
-                         guidance_scale=jnp.float32(s["guidance"]))
-            fn = sampling.cfg_model_fn(model.context_model_fn)
-        else:
-            extra["cond"] = cond
-            fn = model.context_model_fn
-        x0 = sampling.sample(fn, schedule, x_T, key=k_sample, extra_args=extra, **sample_kwargs)
-        if model.autoencoder is not None:
-            x0 = model.autoencoder.decode(x0)
-        out.append(np.asarray(to_uint8(x0)))
-    return np.concatenate(out)
+            return sampling.cfg_model_fn(model.context_model_fn), {
+                "params": params, "cond": cond, "null_cond": (null_ctx, jnp.asarray(null_mask)),
+                "guidance_scale": jnp.float32(s["guidance"])}
+        return model.context_model_fn, {"params": params, "cond": cond}
+
+    return _sample_in_batches(model, schedule, config, s, key, len(prompts), batch_size, batch_args)

@@ -36,6 +36,21 @@ if "xla_llvm_disable_expensive_passes" not in os.environ.get("XLA_FLAGS", ""):
 
 
 @pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A fresh TFDS data dir for the module, also set as ``$JAXDIFF_DATA_DIR`` (so configs and
+    subprocesses find the embedded datasets built there); the old value is restored afterwards.
+    Modules that only pass the dir explicitly define their own plain ``data_dir``."""
+    d = str(tmp_path_factory.mktemp("tfds"))
+    old = os.environ.get("JAXDIFF_DATA_DIR")
+    os.environ["JAXDIFF_DATA_DIR"] = d
+    yield d
+    if old is None:
+        os.environ.pop("JAXDIFF_DATA_DIR")
+    else:
+        os.environ["JAXDIFF_DATA_DIR"] = old
+
+
+@pytest.fixture(scope="module")
 def xla_o0():
     """XLA's LLVM backend at -O0 (``jax_disable_most_optimizations``) for the module that asks for it:
     compiles of these small CPU programs are 5-10x faster (a VAE train-state init: 31 s -> 3-4 s),

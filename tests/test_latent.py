@@ -94,18 +94,6 @@ def _cheap_compiles(xla_o0):
     """XLA -O0 for this module's programs (see conftest.xla_o0): compilation dominates here."""
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("tfds"))
-    old = os.environ.get("JAXDIFF_DATA_DIR")
-    os.environ["JAXDIFF_DATA_DIR"] = d
-    yield d
-    if old is None:
-        os.environ.pop("JAXDIFF_DATA_DIR")
-    else:
-        os.environ["JAXDIFF_DATA_DIR"] = old
-
-
 # ---------------------------------------------------------------------------- float64 references
 def np_recon(x, x_rec, kind):
     d = x_rec.astype(np.float64) - x.astype(np.float64)

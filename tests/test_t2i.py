@@ -46,18 +46,6 @@ def tiny_config(workdir_vae=""):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("tfds"))
-    old = os.environ.get("JAXDIFF_DATA_DIR")
-    os.environ["JAXDIFF_DATA_DIR"] = d
-    yield d
-    if old is None:
-        os.environ.pop("JAXDIFF_DATA_DIR")
-    else:
-        os.environ["JAXDIFF_DATA_DIR"] = old
-
-
-@pytest.fixture(scope="module")
 def model():
     return pipelines.build_model(tiny_config(), (8, 8, 3), None)
 

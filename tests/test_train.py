@@ -55,18 +55,6 @@ def cli_flags(**overrides):
     return [f"--config.{k}={v}" for k, v in {**TINY, **overrides}.items()]
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("tfds"))
-    old = os.environ.get("JAXDIFF_DATA_DIR")
-    os.environ["JAXDIFF_DATA_DIR"] = d
-    yield d
-    if old is None:
-        os.environ.pop("JAXDIFF_DATA_DIR")
-    else:
-        os.environ["JAXDIFF_DATA_DIR"] = old
-
-
 def leaves(tree):
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
