@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _testutil import assert_trees_equal, leaves, override
 from experiments.configs import ldm_digits, vae_digits
 from jaxdiff import parallel, pipelines
 from jaxdiff.eval.psnr import psnr
@@ -60,33 +61,12 @@ LDM_TINY = {
 }
 
 
-def configure(c, overrides):
-    for k, v in overrides.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
-
-
 def vae_config(**kw):
-    return configure(vae_digits.get_config(), {**VAE_TINY, **kw})
+    return override(vae_digits.get_config(), {**VAE_TINY, **kw})
 
 
 def ldm_config(vae_workdir, **kw):
-    return configure(ldm_digits.get_config(), {**LDM_TINY, "vae.workdir": str(vae_workdir), **kw})
-
-
-def leaves(tree):
-    return [np.asarray(x) for x in jax.tree.leaves(tree)]
-
-
-def assert_trees_equal(a, b):
-    la, lb = leaves(a), leaves(b)
-    assert len(la) == len(lb)
-    for x, y in zip(la, lb):
-        np.testing.assert_array_equal(x, y)
+    return override(ldm_digits.get_config(), {**LDM_TINY, "vae.workdir": str(vae_workdir), **kw})
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from _testutil import assert_trees_equal, leaves, override
 from experiments.configs import ddpm_digits
 from jaxdiff.data import DatasetNotPreparedError
 from jaxdiff.train.checkpoint import Checkpointer
@@ -41,29 +42,11 @@ TINY = {
 
 
 def tiny_config(**overrides):
-    c = ddpm_digits.get_config()
-    for k, v in {**TINY, **overrides}.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = eval(v) if isinstance(v, str) and v.startswith("(") else v
-    return c
+    return override(ddpm_digits.get_config(), {**TINY, **overrides})
 
 
 def cli_flags(**overrides):
     return [f"--config.{k}={v}" for k, v in {**TINY, **overrides}.items()]
-
-
-def leaves(tree):
-    return [np.asarray(x) for x in jax.tree.leaves(tree)]
-
-
-def assert_trees_equal(a, b):
-    la, lb = leaves(a), leaves(b)
-    assert len(la) == len(lb)
-    for x, y in zip(la, lb):
-        np.testing.assert_array_equal(x, y)
 
 
 def run_cli(args, data_dir, timeout=300, extra_env=None):
