@@ -277,6 +277,8 @@ def _sample_in_batches(model, schedule, config, s: dict, key, num: int, batch_si
                          clip_x0=config.sample.get("clip_x0", 1.0) or None)
     if s["method"] == "ddim":
         sample_kwargs["eta"] = float(s["eta"])
+    if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive int (images per compiled sampler call) or None, got {batch_size!r}.")
     batch_size = batch_size or num
     out = []
     for i, lo in enumerate(range(0, num, batch_size)):

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _testutil import override
 from experiments.configs import t2i_shapes
 from jaxdiff import pipelines
 from jaxdiff.data import ImageDataset, shapes
@@ -20,29 +21,33 @@ from jaxdiff.train.loop import train
 pytestmark = pytest.mark.usefixtures("xla_o0")
 
 
-def tiny_config(workdir_vae=""):
-    c = t2i_shapes.get_config()
-    c.vae.workdir = workdir_vae  # "": pixel space
-    c.data.image_size = 8
-    c.model.block_out_channels = (16, 32)
-    c.model.down_block_types = ("CrossAttnDownBlock2D", "DownBlock2D")
-    c.model.up_block_types = ("UpBlock2D", "UpBlock2D")  # one transformer block: compiles fast
-    c.model.mid_block_type = ""
-    c.model.attention_head_dim = 2
-    c.text.hidden_size = 16
-    c.text.intermediate_size = 32
-    c.text.num_layers = 1
-    c.text.num_heads = 2
-    c.diffusion.num_timesteps = 100
-    c.train.num_steps = 4
-    c.train.batch_size = 8
-    c.train.warmup_steps = 2
-    c.train.log_every = 1
-    c.train.checkpoint_every = 2
-    c.train.keep_checkpoints = 5
-    c.train.num_samples = 0
-    c.sample.num_steps = 3
-    return c
+# A pixel-space (vae.workdir "") 8x8 t2i_shapes with one transformer block: compiles fast.
+T2I_TINY = {
+    "vae.workdir": "",
+    "data.image_size": 8,
+    "model.block_out_channels": (16, 32),
+    "model.down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+    "model.up_block_types": ("UpBlock2D", "UpBlock2D"),
+    "model.mid_block_type": "",
+    "model.attention_head_dim": 2,
+    "text.hidden_size": 16,
+    "text.intermediate_size": 32,
+    "text.num_layers": 1,
+    "text.num_heads": 2,
+    "diffusion.num_timesteps": 100,
+    "train.num_steps": 4,
+    "train.batch_size": 8,
+    "train.warmup_steps": 2,
+    "train.log_every": 1,
+    "train.checkpoint_every": 2,
+    "train.keep_checkpoints": 5,
+    "train.num_samples": 0,
+    "sample.num_steps": 3,
+}
+
+
+def tiny_config():
+    return override(t2i_shapes.get_config(), T2I_TINY)
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +188,9 @@ def test_tiny_run_trains_and_samples_by_prompt(data_dir, tiny_run):
     assert not np.array_equal(a, c)  # guidance changes them
     # Batch i uses fold_in(key, i): the first batch equals a 2-prompt call.
     np.testing.assert_array_equal(gen(prompts[:2], 3.0), a[:2])
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        pipelines.generate_text(run.model, run.params, run.schedule, run.config, prompts=prompts, key=key,
+                                guidance=3.0, batch_size=0)
     with pytest.raises(ValueError, match="text-conditioned"):
         pipelines.generate(run.model, run.params, run.schedule, run.config, num=2, key=key)
 

@@ -77,6 +77,14 @@ def ema_update(ema_params: Any, params: Any, step: jax.Array, decay: float, warm
     return jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema_params, params)
 
 
+def tree_where(cond: jax.Array, new: Any, old: Any) -> Any:
+    """``new`` where the scalar bool ``cond`` holds, else ``old``, leaf by leaf (same structures).
+
+    The train steps keep the old state when a loss or gradient is NaN/Inf (so the loop can stop
+    with the last good one) and the discriminator's state before ``disc_start``."""
+    return jax.tree.map(lambda n, o: jnp.where(cond, n, o), new, old)
+
+
 def make_train_step(
     apply_fn: Callable,
     optimizer: optax.GradientTransformation,
@@ -114,7 +122,7 @@ def make_train_step(
             opt_state=opt_state,
         )
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+        new = tree_where(finite, new, state)
         metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, **aux}
         return new, metrics
 

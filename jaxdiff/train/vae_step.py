@@ -37,7 +37,7 @@ import optax
 from flax import struct
 
 from jaxdiff.nn.vae import DiagonalGaussian
-from jaxdiff.train.step import ema_update
+from jaxdiff.train.step import ema_update, tree_where
 
 RECON_LOSSES = ("l1", "l2")
 
@@ -183,8 +183,7 @@ def make_vae_train_step(
             d_grad_norm = optax.global_norm(d_grads)
             d_updates, d_opt = disc_optimizer.update(d_grads, state.disc_opt_state, state.disc_params)
             d_params = optax.apply_updates(state.disc_params, d_updates)
-            disc_params = jax.tree.map(lambda n, o: jnp.where(on, n, o), d_params, state.disc_params)
-            disc_opt_state = jax.tree.map(lambda n, o: jnp.where(on, n, o), d_opt, state.disc_opt_state)
+            disc_params, disc_opt_state = tree_where(on, (d_params, d_opt), (state.disc_params, state.disc_opt_state))
             finite = finite & jnp.isfinite(loss) & jnp.where(on, jnp.isfinite(d_loss) & jnp.isfinite(d_grad_norm), True)
             metrics.update(d_loss=d_loss, adv_weight=w, logits_real=lr_, logits_fake=lf_, d_grad_norm=d_grad_norm)
 
@@ -200,7 +199,7 @@ def make_vae_train_step(
             disc_params=disc_params,
             disc_opt_state=disc_opt_state,
         )
-        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+        new = tree_where(finite, new, state)
         d = x_rec - x
         mse = jnp.mean(jnp.square(d))
         metrics.update(loss=loss, rec=rec, kl=kl, l1=jnp.mean(jnp.abs(d)), mse=mse, psnr=_psnr_from_mse(mse),
