@@ -25,6 +25,11 @@ One run measures, for each batch size and precision:
   sample  one model forward at eval (the cost of one sampling step), and for jaxdiff
           ``jaxdiff.sampling.sample(method="ddim")`` over N steps, to show the loop overhead
           (time of N steps vs N x one forward).
+The jaxdiff programs compile with what jaxdiff's own jits use (``jaxdiff.xla.compiler_options``:
+on the CPU, jaxlib's YNNPACK library fusions off), then any ``--xla-option`` on top (these
+reach the train step and the forward, not the DDIM loop, which compiles inside
+``jaxdiff.sampling``); ``--jaxlib-defaults`` also times both without jaxdiff's options,
+interleaved with the default rows.
 Times are medians over ``--steps`` calls after compilation and warm-up (``block_until_ready``;
 torch on CPU is synchronous, on CUDA we synchronise). FLOPs come from XLA's
 ``compiled.cost_analysis()``; the torch row of the same config uses the same count. Peak memory:
@@ -71,6 +76,7 @@ class BenchConfig:
     torch: bool = True
     torch_compile: bool = True
     remat: bool = False
+    jaxlib_defaults: bool = False  # also time jaxdiff compiled without jaxdiff.xla's options
     max_batch: bool = False
     mem_budget: int | None = None  # bytes; default: device memory (GPU) or MemAvailable (CPU)
     compiler_options: dict = dataclasses.field(default_factory=dict)
@@ -228,6 +234,12 @@ def bench_params(shapes, seed: int = 0):
     return jax.tree_util.tree_map_with_path(leaf, shapes)
 
 
+def jaxdiff_options(cfg: BenchConfig) -> dict:
+    """What jaxdiff's own jits compile with (``jaxdiff.xla``), then ``--xla-option`` on top."""
+    from jaxdiff import xla
+    return {**xla.compiler_options(), **cfg.compiler_options}
+
+
 class _Jax:
     """The jaxdiff programs of one (config, precision, remat), built once, timed on demand."""
 
@@ -246,6 +258,10 @@ class _Jax:
         self.schedule = make_schedule("linear", 1000)
         self.params = bench_params(jax.eval_shape(self.model.init_params, jax.random.key(0)))
         self.n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(self.params))
+
+    @property
+    def options(self) -> dict:
+        return jaxdiff_options(self.cfg)
 
     def _image(self, batch, seed=1):
         import jax
@@ -268,6 +284,7 @@ class _Jax:
         return self.model.uncond_model_fn, {"params": self.params}
 
     def compile_train(self, batch: int, compiler_options: dict | None = None):
+        """``compiler_options``: default ``self.options``; ``{}`` = XLA_FLAGS / jaxlib defaults."""
         import jax
 
         from jaxdiff.train.step import create_train_state, make_optimizer, make_train_step
@@ -279,16 +296,17 @@ class _Jax:
         t0 = time.perf_counter()
         lowered = jax.jit(step, donate_argnums=0).lower(state, data)
         t1 = time.perf_counter()
-        compiled = lowered.compile(compiler_options or self.cfg.compiler_options or None)
+        opts = self.options if compiler_options is None else compiler_options
+        compiled = lowered.compile(opts or None)
         t2 = time.perf_counter()
         return compiled, state, data, t1 - t0, t2 - t1
 
-    def train(self, batch: int) -> dict:
+    def train(self, batch: int, compiler_options: dict | None = None) -> dict:
         """Compile the train step; returns a warmed-up ``run`` (one step, synchronised) and
         the compile facts."""
         import jax
 
-        compiled, state, data, t_lower, t_compile = self.compile_train(batch)
+        compiled, state, data, t_lower, t_compile = self.compile_train(batch, compiler_options)
         box = [state]
 
         def run():
@@ -300,7 +318,7 @@ class _Jax:
         return dict(run=run, flops=_cost_flops(compiled), mem=_xla_memory(compiled),
                     lower_s=t_lower, compile_s=t_compile)
 
-    def forward(self, batch: int) -> dict:
+    def forward(self, batch: int, compiler_options: dict | None = None) -> dict:
         """One eval forward (a sampling step's model call), compiled and warmed up."""
         import jax
         import jax.numpy as jnp
@@ -312,7 +330,8 @@ class _Jax:
         t0 = time.perf_counter()
         lowered = fn.lower(self.params, x, t, cond)
         t1 = time.perf_counter()
-        compiled = lowered.compile(self.cfg.compiler_options or None)
+        opts = self.options if compiler_options is None else compiler_options
+        compiled = lowered.compile(opts or None)
         t2 = time.perf_counter()
 
         def run():
@@ -427,9 +446,9 @@ def max_batch_search(cfg: BenchConfig, precision: str, remat: bool, budget: int,
     compile with LLVM's expensive passes off and backend optimisation 0: buffer assignment,
     hence memory_analysis, is decided before LLVM runs.
     """
-    fast = {**cfg.compiler_options, "xla_llvm_disable_expensive_passes": True,
-            "xla_backend_optimization_level": 0}
     j = _jax_cls(cfg)(cfg, precision, remat)
+    fast = {**jaxdiff_options(cfg), "xla_llvm_disable_expensive_passes": True,
+            "xla_backend_optimization_level": 0}
     probes: dict[int, int] = {}
 
     def mem(b):
@@ -653,9 +672,21 @@ def _try(fn, *args, **kwargs):
         return None, f"n/a: {type(e).__name__}: {msg}"
 
 
-def _measure_pair(cfg, log, label, jax_prep, torch_preps):
-    """Interleave the timed calls of one jaxdiff program and its torch counterparts."""
+JAXLIB_DEFAULTS = "jaxlib defaults"
+
+
+def _options_note(options: dict) -> str:
+    """The XLA options a jaxdiff row was compiled with, for its note column."""
+    if not options:
+        return "XLA options: none (XLA_FLAGS / jaxlib defaults)"
+    return "XLA options: " + ", ".join(f"{k}={v!r}" for k, v in options.items())
+
+
+def _measure_pair(cfg, log, label, jax_prep, torch_preps, jax_extra=None):
+    """Interleave the timed calls of one jaxdiff program (and its ``jax_extra`` variants) and
+    its torch counterparts."""
     runs = {"jaxdiff": jax_prep["run"]}
+    runs.update({k: v["run"] for k, v in (jax_extra or {}).items()})
     runs.update({k: v["run"] for k, v in torch_preps.items() if v is not None})
     log(f"# timing {label}: {', '.join(runs)} ({cfg.steps} calls each, interleaved)")
     return interleave(runs, cfg.steps, blocks=min(cfg.blocks, cfg.steps), pause=cfg.pause)
@@ -695,6 +726,8 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     for precision in cfg.precisions:
         j = _jax_cls(cfg)(cfg, precision)
         result.setdefault("params", {})["jaxdiff"] = j.n_params
+        result["jaxdiff_xla_options"] = j.options
+        log("# jaxdiff rows: " + _options_note(j.options))
         if torch_side is not None:
             result["params"]["diffusers"] = torch_side.n_params
             log(f"# parameters: jaxdiff {j.n_params:,}  diffusers {torch_side.n_params:,}")
@@ -716,9 +749,17 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
                     log(f"# {precision} batch {b}: torch.compile of the diffusers train step ...")
                     tps[precision + " torch.compile"], errs[precision + " torch.compile"] = _try(
                         torch_side.train, b, precision, compiled=True)
-            ts = _measure_pair(cfg, log, f"train {precision} b{b}", jt, tps)
+            extra = {}
+            if cfg.jaxlib_defaults:
+                log(f"# {precision} batch {b}: compiling the jaxdiff train step, jaxlib defaults ...")
+                extra[JAXLIB_DEFAULTS] = j.train(b, compiler_options=dict(cfg.compiler_options))
+            ts = _measure_pair(cfg, log, f"train {precision} b{b}", jt, tps, extra)
             rows.append(_row("train", "jaxdiff", precision, b, ts["jaxdiff"], jt["flops"],
                              jt["mem"], "XLA estimate", compile_s=jt["compile_s"]))
+            for name, prep in extra.items():
+                rows.append(_row("train", "jaxdiff", f"{precision} {name}", b, ts[name],
+                                 prep["flops"], prep["mem"], "XLA estimate",
+                                 compile_s=prep["compile_s"], note=_options_note(cfg.compiler_options)))
             if cfg.remat:
                 log(f"# {precision} batch {b}: compiling the jaxdiff train step, remat ...")
                 jr = _jax_cls(cfg)(cfg, precision, remat=True).train(b)
@@ -750,6 +791,10 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
                     fps[key], ferrs[key] = _try(torch_side.forward, b, precision, compiled=True)
             n = cfg.sampling_steps
             runs = {"jaxdiff": jf["run"]}
+            fextra = {}
+            if cfg.jaxlib_defaults:
+                fextra[JAXLIB_DEFAULTS] = j.forward(b, compiler_options=dict(cfg.compiler_options))
+                runs[JAXLIB_DEFAULTS] = fextra[JAXLIB_DEFAULTS]["run"]
             if n:
                 log(f"# {precision} batch {b}: compiling jaxdiff DDIM x {n} ...")
                 dd = j.ddim(b, n)
@@ -763,6 +808,10 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
             fs = interleave(runs, cfg.steps, blocks=blocks, pause=cfg.pause, calls={"ddim": 1})
             rows.append(_row("sample", "jaxdiff", precision + " forward", b, fs["jaxdiff"],
                              jf["flops"], jf["mem"], "XLA estimate", compile_s=jf["compile_s"]))
+            for name, prep in fextra.items():
+                rows.append(_row("sample", "jaxdiff", f"{precision} forward {name}", b, fs[name],
+                                 prep["flops"], prep["mem"], "XLA estimate",
+                                 compile_s=prep["compile_s"], note=_options_note(cfg.compiler_options)))
             if n:
                 overhead = _median_ms(fs["ddim"])[0] / (n * _median_ms(fs["jaxdiff"])[0]) - 1.0
                 rows.append(_row("sample", "jaxdiff", f"{precision} ddim x{n}, per step", b,
@@ -836,6 +885,8 @@ def format_table(result: dict) -> str:
         lines.append(f"XLA_FLAGS={info['XLA_FLAGS']}")
     if result.get("model"):
         lines.append(f"model: {result['model']} (config {result['config'].get('name')})")
+    if "jaxdiff_xla_options" in result:
+        lines.append("jaxdiff rows: " + _options_note(result["jaxdiff_xla_options"]))
     p = result.get("params", {})
     lines.append("parameters: " + ", ".join(f"{k} {v:,}" for k, v in p.items()))
     head = ("task", "impl", "variant", "batch", "ms/step", "min ms", "img/s", "TFLOP/s",
@@ -925,6 +976,9 @@ def config_from_args(argv=None) -> BenchConfig:
     ap.add_argument("--sampling-steps", type=int, default=10,
                     help="N of the DDIM loop measurement (0: skip)")
     ap.add_argument("--remat", action="store_true", help="also time jaxdiff with remat=True")
+    ap.add_argument("--jaxlib-defaults", action="store_true",
+                    help="also time jaxdiff compiled without jaxdiff.xla's options (jaxlib's "
+                         "defaults, or XLA_FLAGS), interleaved with the default rows")
     ap.add_argument("--max-batch", action="store_true",
                     help="find the largest train batch that fits (plain and remat)")
     ap.add_argument("--mem-budget", type=parse_bytes,
@@ -952,7 +1006,7 @@ def config_from_args(argv=None) -> BenchConfig:
         unet=dict(unet), batches=batches, **shape,
         precisions=tuple(a.precision.split(",")), steps=a.steps, warmup=a.warmup,
         sampling_steps=a.sampling_steps, torch=not a.no_torch, blocks=a.blocks,
-        torch_compile=not a.no_torch_compile, remat=a.remat, max_batch=a.max_batch,
+        torch_compile=not a.no_torch_compile, remat=a.remat, jaxlib_defaults=a.jaxlib_defaults, max_batch=a.max_batch,
         mem_budget=a.mem_budget, compiler_options=_parse_options(a.xla_option),
         matmul_peak=not a.no_matmul_peak, name=name, model=a.model)
     cfg.json = a.json  # type: ignore[attr-defined]

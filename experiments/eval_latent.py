@@ -36,7 +36,7 @@ def _train_step_ms(runs, steps, batch_size=None):
     import jax
     import numpy as np
 
-    from jaxdiff import pipelines
+    from jaxdiff import pipelines, xla
     from jaxdiff.train import create_train_state, make_optimizer, make_train_step
 
     fns = {}
@@ -44,7 +44,7 @@ def _train_step_ms(runs, steps, batch_size=None):
         c = run.config
         opt = make_optimizer(learning_rate=c.train.lr)
         state = create_train_state(run.params, opt)
-        step = jax.jit(make_train_step(run.model.train_apply_fn(c.diffusion.get("p_uncond", 0.0)), opt, run.schedule,
+        step = xla.jit(make_train_step(run.model.train_apply_fn(c.diffusion.get("p_uncond", 0.0)), opt, run.schedule,
                                        prediction=c.diffusion.prediction, ema_decay=c.train.ema_decay), donate_argnums=0)
         b = batch_size or c.train.batch_size
         rng = np.random.default_rng(0)

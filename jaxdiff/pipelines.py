@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from jaxdiff import sampling
+from jaxdiff import sampling, xla
 from jaxdiff.data import ImageDataset
 from jaxdiff.nn.discriminator import PatchDiscriminator
 from jaxdiff.nn.text import CLIPTextTransformer
@@ -434,12 +434,12 @@ class VAEModel:
     @functools.cached_property
     def encode(self):
         """``encode(params, x [B, H, W, C] in [-1, 1]) -> DiagonalGaussian`` over [B, h, w, c] (jitted)."""
-        return jax.jit(lambda params, x: self.module.apply({"params": params}, x, method=AutoencoderKL.encode))
+        return xla.jit(lambda params, x: self.module.apply({"params": params}, x, method=AutoencoderKL.encode))
 
     @functools.cached_property
     def decode(self):
         """``decode(params, z [B, h, w, c]) -> [B, H, W, C] float32`` (jitted)."""
-        return jax.jit(lambda params, z: self.module.apply({"params": params}, z, method=AutoencoderKL.decode))
+        return xla.jit(lambda params, z: self.module.apply({"params": params}, z, method=AutoencoderKL.decode))
 
     def encode_images(self, params, images: np.ndarray, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
         """uint8 images [N, H, W, C] -> posterior (mean, std), float32 NumPy [N, h, w, c] each.
@@ -722,7 +722,7 @@ class TextDiffusionModel(DiffusionModel):
     @functools.cached_property
     def encode_text(self):
         """``encode_text(params, input_ids, attention_mask) -> context float32 [N, L, D]`` (jitted)."""
-        return jax.jit(lambda params, ids, mask: self.module.apply(
+        return xla.jit(lambda params, ids, mask: self.module.apply(
             {"params": params}, ids, mask, method=TextConditionedUNet.encode_text))
 
     @functools.cached_property

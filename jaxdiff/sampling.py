@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff import xla
 from jaxdiff.diffusion import PREDICTIONS, pred_to_x0_eps
 from jaxdiff.schedules import (
     TIMESTEP_SPACINGS,
@@ -161,7 +162,7 @@ def _heun_step(model, denoise, carry, c, key):
 
 
 # ----------------------------------------------------------------------------- the jitted loop
-@functools.partial(jax.jit, static_argnames=("step", "model_fn", "denoise", "return_trajectory"))
+@functools.partial(xla.jit, static_argnames=("step", "model_fn", "denoise", "return_trajectory"))
 def _run(x_T, init_scale, consts, keys, extra_args, *, step, model_fn, denoise, return_trajectory):
     x = x_T.astype(jnp.float32) * init_scale
     batch = x.shape[0]

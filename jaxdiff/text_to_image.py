@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import sampling
+from jaxdiff import sampling, xla
 from jaxdiff.interop.clip import load_transformers_clip_text
 from jaxdiff.interop.unet2d_cond import load_unet2d_condition
 from jaxdiff.interop.vae import load_diffusers_vae
@@ -272,7 +272,7 @@ def _encode(text_encoder: CLIPTextTransformer, params, ids, mask, clip_skip: int
     return last
 
 
-@functools.partial(jax.jit, static_argnames=("text_encoder", "clip_skip"))
+@functools.partial(xla.jit, static_argnames=("text_encoder", "clip_skip"))
 def _encode_jit(params, ids, mask, *, text_encoder, clip_skip):
     return _encode(text_encoder, params, ids, mask, clip_skip)
 
@@ -323,7 +323,7 @@ class _Spec:
     final_alpha: Optional[float]  # DDIM with set_alpha_to_one=False: alpha_bar[0]
 
 
-@functools.partial(jax.jit, static_argnames=("spec",))
+@functools.partial(xla.jit, static_argnames=("spec",))
 def _generate(params, ids, mask, latents, guidance_scale, key, *, spec: _Spec):
     """ids/mask: [B or 2B, L] (conditional rows first, then the negative prompts when guided);
     latents: [B, h, w, c] initial noise; key: for stochastic samplers. Returns images [B, H, W, 3]."""

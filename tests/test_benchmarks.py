@@ -13,6 +13,7 @@ import pytest
 from benchmarks import unet_bench as ub
 from benchmarks.unet_configs import (COND_SMALL, DDPM_CIFAR10, SD15, SMALL, conv_flops,
                                      diffusers_config, unet_forward_flops)
+from jaxdiff import xla
 from jaxdiff.nn.layers import Dropout, bernoulli, group_norm_silu
 
 FAST_COMPILE = {"xla_llvm_disable_expensive_passes": True, "xla_backend_optimization_level": 0}
@@ -82,10 +83,16 @@ def test_table_rows_and_flops(result):
 
 def test_cond_model_rows():
     """--model cond: UNetCondition (real train step, context from the batch) vs
-    UNet2DConditionModel, the same rows and machinery; FLOPs from XLA only."""
-    result = _tiny_run(unet=MINI_COND, model="cond", image_size=8, channels=4, context_len=5)
+    UNet2DConditionModel, the same rows and machinery; FLOPs from XLA only. With
+    --jaxlib-defaults: the jaxdiff programs once more without jaxdiff.xla's options."""
+    result = _tiny_run(unet=MINI_COND, model="cond", image_size=8, channels=4, context_len=5,
+                       jaxlib_defaults=True)
     rows = {(r["task"], r["impl"], r["variant"], r["batch"]): r for r in result["rows"]}
-    assert list(rows) == ROWS
+    extra = [("train", "jaxdiff", "fp32 jaxlib defaults", 2), ("sample", "jaxdiff", "fp32 forward jaxlib defaults", 2)]
+    assert list(rows) == ROWS[:1] + extra[:1] + ROWS[1:3] + extra[1:] + ROWS[3:]
+    assert rows[extra[0]]["flops"] > 0 and "jaxlib defaults" not in (rows[ROWS[0]]["note"] or "")
+    assert result["jaxdiff_xla_options"] == {**xla.compiler_options(), **FAST_COMPILE}
+    assert rows[extra[0]]["note"] == "XLA options: " + ", ".join(f"{k}={v!r}" for k, v in FAST_COMPILE.items())
     for r in rows.values():
         assert r["ms"] > 0 and r["flops"] > 0 and r["speed_vs_diffusers"] > 0
     assert result["params"]["jaxdiff"] == result["params"]["diffusers"]
@@ -96,6 +103,7 @@ def test_cond_model_rows():
     assert "analytic_forward_flops" not in result
     text = ub.format_table(result)
     for s in ("UNetCondition vs diffusers UNet2DConditionModel", "text context [B, 5, 8]",
+              "jaxdiff rows: XLA options: xla_cpu_experimental_ynn_fusion_type=''",
               "fp32 ddim x2, per step", "parameters: jaxdiff"):
         assert s in text
 
@@ -159,6 +167,7 @@ def test_cli_and_helpers(monkeypatch):
     assert (cfg.steps, cfg.sampling_steps, cfg.remat, cfg.max_batch) == (3, 5, True, True)
     assert cfg.mem_budget == 2 ** 31 and cfg.json == "out.json"
     assert cfg.compiler_options == {"xla_llvm_disable_expensive_passes": True}
+    assert not cfg.jaxlib_defaults and ub.config_from_args(["--small", "--jaxlib-defaults"]).jaxlib_defaults
     default = ub.config_from_args([])
     assert default.unet == DDPM_CIFAR10 and default.batches == (128,)
     with pytest.raises(SystemExit):

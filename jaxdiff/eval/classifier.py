@@ -27,6 +27,7 @@ import numpy as np
 import optax
 from flax import serialization
 
+from jaxdiff import xla
 from jaxdiff.data import default_data_dir, real_images
 from jaxdiff.eval.frechet import frechet_distance
 
@@ -63,7 +64,7 @@ class DigitsCNN(nn.Module):
         return nn.Dense(self.num_classes)(features), features
 
 
-@jax.jit
+@xla.jit
 def _apply(params: Any, images_uint8: jax.Array) -> tuple[jax.Array, jax.Array]:
     return DigitsCNN().apply({"params": params}, images_uint8.astype(jnp.float32) / 127.5 - 1.0)
 
@@ -127,7 +128,7 @@ def _train_params(image_size: int, seed: int, data_dir: str) -> Any:
     tx = optax.adamw(optax.warmup_cosine_decay_schedule(
         0.0, _LR, min(_WARMUP, len(order) // 4), len(order)), weight_decay=1e-4)
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    @functools.partial(xla.jit, donate_argnums=(0, 1))
     def train_step(params, opt_state, x, y):
         def loss_fn(p):
             logits, _ = model.apply({"params": p}, x)

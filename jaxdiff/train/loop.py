@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from jaxdiff import parallel, pipelines
+from jaxdiff import parallel, pipelines, xla
 from jaxdiff.train.checkpoint import Checkpointer, CheckpointError
 from jaxdiff.train.metrics import MetricWriter
 from jaxdiff.train.step import TrainState, create_train_state, make_optimizer, make_train_step
@@ -206,6 +206,7 @@ def _jit_step(step_fn, state_shardings, mesh):
         in_shardings=(state_shardings, parallel.data_sharding(mesh)),
         out_shardings=(state_shardings, parallel.replicated(mesh)),
         donate_argnums=0,
+        compiler_options=xla.compiler_options(mesh.devices.flat[0].platform) or None,
     )
 
 
