@@ -36,7 +36,9 @@ def define_flags() -> None:
 
 def evaluate(run, guidance_scales, *, templates=2, seed=0, batch_size=189, **sampler):
     """Sample every prompt at every guidance scale; returns ``(prompts, images [G, N, H, W, 3], results)``
-    with ``results[g]`` the :func:`jaxdiff.eval.shapes.adherence` dict of guidance ``g``."""
+    with ``results[g]`` the :func:`jaxdiff.eval.shapes.adherence` dict of guidance ``g``. For a run
+    trained with ``data.holdout``, ``results[g]["held_out"]`` and ``results[g]["seen"]`` score the
+    held-out combinations' prompts and the others apart."""
     import jax
     import numpy as np
 
@@ -48,18 +50,28 @@ def evaluate(run, guidance_scales, *, templates=2, seed=0, batch_size=189, **sam
         raise ValueError(f"--templates must be in [1, {len(shapes.TEMPLATES)}], got {templates}.")
     labels = np.concatenate([shapes.all_labels()] * templates)
     prompts = [p for t in range(templates) for p in shapes.all_prompts(t)]
+    holdout = run.config.data.get("holdout") or None
+    held = shapes.is_held_out(labels, holdout) if holdout else None
     all_images, results = [], {}
     for g in guidance_scales:
         t0 = time.perf_counter()
         images = pipelines.generate_text(run.model, run.params, run.schedule, run.config, prompts=prompts,
                                          key=jax.random.key(seed), batch_size=batch_size, guidance=float(g), **sampler)
         r = adherence(images, labels[:, 0], labels[:, 1], labels[:, 2])
+        if held is not None:
+            for part, m in (("held_out", held), ("seen", ~held)):
+                r[part] = adherence(images[m], labels[m, 0], labels[m, 1], labels[m, 2])
+                r[part]["num_prompts"] = int(m.sum())
         r["seconds"] = time.perf_counter() - t0
         results[float(g)] = r
         all_images.append(images)
         print(f"guidance {g}: colour {r['color_accuracy']:.3f}, position {r['position_accuracy']:.3f}, shape "
               f"{r['shape_accuracy']:.3f}, all three {r['all_accuracy']:.3f} ({len(prompts)} prompts, "
               f"{r['seconds']:.0f} s)", flush=True)
+        if held is not None:
+            print("  " + "; ".join(f"{part.replace('_', '-')} ({r[part]['num_prompts']} prompts): all three "
+                                   f"{r[part]['all_accuracy']:.3f}, shape {r[part]['shape_accuracy']:.3f}"
+                                   for part in ("held_out", "seen")), flush=True)
     return prompts, np.stack(all_images), results
 
 
@@ -99,6 +111,13 @@ def main(argv):
     for k in ("color", "position", "shape", "all"):
         print(f"{k:<10} {first[k + '_chance']:>7.3f} " + " ".join(f"{results[g][k + '_accuracy']:>7.3f}" for g in guidance))
     print(f"{'empty':<10} {'':>7} " + " ".join(f"{results[g]['empty_fraction']:>7.3f}" for g in guidance))
+    if "held_out" in first:
+        n = first["held_out"]["num_prompts"]
+        print(f"combinations held out of training ({run.config.data.holdout}): {n} of {len(prompts)} prompts")
+        for part in ("held_out", "seen"):
+            for k in ("color", "position", "shape", "all"):
+                name = f"{k} ({part.replace('_', '-')})"
+                print(f"{name:<18} " + " ".join(f"{results[g][part][k + '_accuracy']:>7.3f}" for g in guidance))
     # The grid: rows = guidance scales, columns = prompts spread over the combinations.
     cols = np.linspace(0, len(prompts) // FLAGS.templates - 1, min(FLAGS.grid_prompts, len(prompts))).round().astype(int)
     grid = images[:, cols].reshape(-1, *images.shape[2:])
@@ -107,6 +126,7 @@ def main(argv):
     np.savez(out + ".npz", images=images, prompts=np.asarray(prompts, dtype=str), guidance=np.asarray(guidance))
     with open(out + ".json", "w") as f:
         json.dump({"workdir": os.path.abspath(FLAGS.workdir), "step": run.step, "sampler": s,
+                   "holdout": run.config.data.get("holdout") or None,
                    "num_prompts": len(prompts), "templates": FLAGS.templates, "seed": FLAGS.seed,
                    "grid_columns": [prompts[i] for i in cols],
                    "results": {format(g, "g"): r for g, r in results.items()}}, f, indent=2)

@@ -74,6 +74,7 @@ def _image_dataset(config: ml_collections.ConfigDict, split: str) -> ImageDatase
         data_dir=d.get("data_dir") or None,
         random_flip=d.get("random_flip", False),
         drop_labels=not d.get("conditional", False),
+        holdout=d.get("holdout") or None,
     )
 
 

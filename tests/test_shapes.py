@@ -123,6 +123,44 @@ def test_image_dataset_batches_carry_captions(data_dir):
         ImageDataset("shapes", "train", batch_size=4, data_dir=data_dir, random_flip=True)
 
 
+def test_compositional_holdout_leaves_only_triples_unseen():
+    held = shapes.holdout_labels("compositional")
+    assert held.shape == (21, 3) and held.dtype == np.int32
+    assert len({tuple(r) for r in held}) == 21
+    everything = shapes.all_labels()
+    mask = shapes.is_held_out(everything, "compositional")
+    assert mask.sum() == 21
+    seen = everything[~mask]
+    # every attribute value and every pair of attributes still occurs among the 168 seen triples
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        pairs_all = {(r[a], r[b]) for r in everything}
+        assert {(r[a], r[b]) for r in seen} == pairs_all, (a, b)
+    with pytest.raises(ValueError, match="Unknown holdout 'nope'"):
+        shapes.holdout_labels("nope")
+
+
+def test_image_dataset_holdout(data_dir):
+    full = ImageDataset("shapes", "train", batch_size=32, seed=0, data_dir=data_dir)
+    ds = ImageDataset("shapes", "train", batch_size=32, seed=0, data_dir=data_dir, holdout="compositional")
+    every = np.stack([full.annotations(np.arange(full.num_examples))[k] for k in ("shape", "color", "position")], 1)
+    kept = np.flatnonzero(~shapes.is_held_out(every, "compositional"))
+    # labels are balanced (52 or 53 of each of the 189 combinations): 21 x 52-53 examples go
+    assert ds.num_examples == len(kept) and 21 * 52 <= full.num_examples - ds.num_examples <= 21 * 53
+    assert "holdout='compositional'" in repr(ds)
+    # one epoch of batches: the kept examples, each once, none held out; images match the split's
+    steps = ds.num_examples // ds.batch_size
+    got = np.concatenate([np.stack([ds.batch(i)[k] for k in ("shape", "color", "position")], 1) for i in range(steps)])
+    assert not shapes.is_held_out(got, "compositional").any()
+    idx = np.concatenate([ds.indices(i) for i in range(steps)])
+    assert len(np.unique(idx)) == len(idx) and idx.max() < ds.num_examples
+    np.testing.assert_array_equal(ds.examples(idx[:5])[0], full.examples(kept[idx[:5]])[0])
+    np.testing.assert_array_equal(ds.annotations(idx[:5])["caption"], full.annotations(kept[idx[:5]])["caption"])
+    with pytest.raises(ValueError, match="Unknown holdout"):
+        ImageDataset("shapes", "train", batch_size=4, data_dir=data_dir, holdout="nope")
+    with pytest.raises(ValueError, match="needs a dataset with"):
+        ImageDataset("digits", "train", batch_size=4, data_dir=data_dir, holdout="compositional")
+
+
 # ----------------------------------------------------------------------------------- checkers
 def _ids(split):
     return split["shape"], split["color"], split["position"]

@@ -238,6 +238,16 @@ def test_adherence_eval_on_untrained_model_is_near_chance(data_dir, tiny_run):
         assert r["num_images"] == 189
         assert r["all_accuracy"] < 0.1  # chance is 1/189; a trained model is far above
         np.testing.assert_allclose(r["color_accuracy"], adherence_to_captions(images[[1.0, 5.0].index(g)], prompts)["color_accuracy"])
+        assert "held_out" not in r
+    # A run trained with data.holdout: the held-out combinations' prompts are also scored apart.
+    run.config.data.holdout = "compositional"
+    prompts, images, results = evaluate(run, [1.0], templates=1, batch_size=2)
+    r = results[1.0]
+    held = shapes.is_held_out(shapes.all_labels(), "compositional")
+    assert (r["held_out"]["num_prompts"], r["seen"]["num_prompts"]) == (21, 168)
+    for part, m in (("held_out", held), ("seen", ~held)):
+        ref = adherence_to_captions(images[0][m], [p for p, k in zip(prompts, m) if k])
+        assert {k: v for k, v in r[part].items() if k != "num_prompts"} == ref
 
 
 def test_bad_configs_give_clear_errors(data_dir, tmp_path):

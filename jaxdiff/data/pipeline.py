@@ -139,8 +139,12 @@ def _text(value) -> str:
 class ImageDataset:
     """Deterministic, resumable batches of images (and labels) from a TFDS array_record dataset.
 
+    ``holdout`` (``shapes`` only): the name of a set of (shape, colour, position) combinations to
+    leave out (:func:`jaxdiff.data.shapes.holdout_labels`); the dataset is then the split's other
+    examples, and every index below (``indices``, ``examples``, ``annotations``) counts those.
+
     Attributes:
-      num_examples: N, examples in the split.
+      num_examples: N, examples in the split (without the held-out ones).
       num_classes: classes of the ``label`` feature; None if there is none or ``drop_labels``.
       annotation_keys: the other features a batch carries (Text as ``str``, ClassLabel as int32):
         ``ANNOTATIONS[name]``, e.g. ``('caption', 'shape', 'color', 'position')`` for ``shapes``;
@@ -151,7 +155,7 @@ class ImageDataset:
     def __init__(self, name: str = "digits", split: str = "train", *, batch_size: int,
                  image_size: Optional[int] = None, seed: int = 0, data_dir: Optional[str] = None,
                  random_flip: bool = False, drop_labels: bool = False,
-                 cache_in_memory: Optional[bool] = None):
+                 cache_in_memory: Optional[bool] = None, holdout: Optional[str] = None):
         if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
         if image_size is not None and (not isinstance(image_size, (int, np.integer)) or image_size < 1):
@@ -171,9 +175,12 @@ class ImageDataset:
         if "image" not in features:
             raise ValueError(f"Dataset {name!r} has no 'image' feature (has {list(features)}).")
         self._source = builder.as_data_source(split)
-        self.num_examples = len(self._source)
-        if self.num_examples == 0:
+        split_size = len(self._source)
+        if split_size == 0:
             raise ValueError(f"Split {split!r} of {name!r} is empty.")
+        self.holdout = holdout or None
+        self._subset = None if self.holdout is None else self._kept(name, split_size, self.holdout)
+        self.num_examples = split_size if self._subset is None else len(self._subset)
         label = features["label"] if "label" in features else None
         self._has_label = label is not None and not drop_labels
         self.num_classes = getattr(label, "num_classes", None) if self._has_label else None
@@ -190,16 +197,27 @@ class ImageDataset:
         nbytes = self.num_examples * int(np.prod(self.image_shape))
         self.cache_in_memory = nbytes < CACHE_LIMIT_BYTES if cache_in_memory is None else cache_in_memory
         if self.cache_in_memory:  # filled lazily, example by example, as batches read them
-            self._images = np.empty((self.num_examples, *self.image_shape), np.uint8)
-            self._labels = np.zeros((self.num_examples,), np.int32)
-            self._cached = np.zeros((self.num_examples,), bool)
-            self._annotations = {k: np.empty((self.num_examples,), object if self._is_text[k] else np.int32)
+            self._images = np.empty((split_size, *self.image_shape), np.uint8)
+            self._labels = np.zeros((split_size,), np.int32)
+            self._cached = np.zeros((split_size,), bool)
+            self._annotations = {k: np.empty((split_size,), object if self._is_text[k] else np.int32)
                                  for k in self.annotation_keys}
         self._perm = functools.lru_cache(maxsize=4)(self._permutation)
 
     def __repr__(self) -> str:
+        held = "" if self.holdout is None else f", holdout={self.holdout!r}"
         return (f"ImageDataset({self.name!r}, {self.split!r}, batch_size={self.batch_size}, "
-                f"image_shape={self.image_shape}, num_examples={self.num_examples}, seed={self.seed})")
+                f"image_shape={self.image_shape}, num_examples={self.num_examples}, seed={self.seed}{held})")
+
+    def _kept(self, name: str, split_size: int, holdout: str) -> np.ndarray:
+        """Split indices of the examples ``holdout`` keeps (int64, ascending)."""
+        if name.split(":")[0] != shapes_lib.NAME:
+            raise ValueError(f"holdout={holdout!r} needs a dataset with (shape, color, position) labels "
+                             f"('shapes'), not {name!r}.")
+        shapes_lib.holdout_labels(holdout)  # an unknown name fails here, before reading the split
+        ex = self._source.__getitems__(list(range(split_size)))
+        labels = np.asarray([[e["shape"], e["color"], e["position"]] for e in ex], np.int64)
+        return np.flatnonzero(~shapes_lib.is_held_out(labels, holdout))
 
     # -- reading -------------------------------------------------------------------------------
     def _read(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
@@ -218,6 +236,8 @@ class ImageDataset:
 
     def _examples(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         indices = np.asarray(indices, np.int64)
+        if self._subset is not None:  # dataset index -> split index
+            indices = self._subset[indices]
         if not self.cache_in_memory:
             return self._read(indices)
         missing = np.unique(indices[~self._cached[indices]])
@@ -231,7 +251,8 @@ class ImageDataset:
                 {k: v[indices] for k, v in self._annotations.items()})
 
     def examples(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Examples by index in the split: ``(uint8 [n, H, W, C], int32 [n] labels, -1 if none)``."""
+        """Examples by index in the dataset (the split, less any ``holdout``):
+        ``(uint8 [n, H, W, C], int32 [n] labels, -1 if none)``."""
         return self._examples(indices)[:2]
 
     def annotations(self, indices: np.ndarray) -> dict[str, np.ndarray]:
@@ -245,7 +266,8 @@ class ImageDataset:
         return rng.permutation(self.num_examples)
 
     def indices(self, step: int) -> np.ndarray:
-        """Split indices of the examples in batch ``step``: int64 [B]."""
+        """Indices (in the dataset: the split, less any ``holdout``) of the examples in batch
+        ``step``: int64 [B]."""
         i = step * self.batch_size + np.arange(self.batch_size)
         epoch, pos = i // self.num_examples, i % self.num_examples
         out = np.empty_like(i)

@@ -94,6 +94,31 @@ def all_labels() -> np.ndarray:
     return np.stack([s.ravel(), c.ravel(), p.ravel()], axis=1).astype(np.int32)
 
 
+HOLDOUTS = ("compositional",)
+
+
+def holdout_labels(name: str) -> np.ndarray:
+    """The ``(shape, color, position)`` combinations a held-out split named ``name`` leaves out of
+    training (``ImageDataset(..., holdout=name)``, config ``data.holdout``): int32 [k, 3].
+
+    ``"compositional"``: 21 combinations, one per (shape, colour), at position
+    ``(3 * shape + color) % 9``. Every shape, colour and position, and every *pair* of them
+    (shape-colour, shape-position, colour-position), still occurs in training; only these triples
+    are new at test time: can the model compose attributes it has only seen apart?
+    """
+    if name == "compositional":
+        rows = [(s, c, (3 * s + c) % len(POSITIONS)) for s in range(len(SHAPES)) for c in range(len(COLORS))]
+        return np.asarray(rows, np.int32)
+    raise ValueError(f"Unknown holdout {name!r}; choose one of {HOLDOUTS}.")
+
+
+def is_held_out(labels: np.ndarray, name: str) -> np.ndarray:
+    """bool [N]: which rows of ``labels`` (int [N, 3] of (shape, color, position)) ``name`` holds out."""
+    labels = np.asarray(labels)
+    held = holdout_labels(name)
+    return (labels[:, None, :] == held[None, :, :]).all(-1).any(-1)
+
+
 def all_prompts(template_index: int = 0) -> list[str]:
     """The 189 captions of ``all_labels()`` rows, in that order, with ``TEMPLATES[template_index]``."""
     return [caption(*map(int, row), template_index) for row in all_labels()]
