@@ -27,7 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdiff.nn.layers import dot_product_attention, group_norm
+from jaxdiff.nn.layers import PointwiseConv, dot_product_attention, group_norm
 
 Dtype = Any
 
@@ -147,22 +147,6 @@ class BasicTransformerBlock(nn.Module):
         return h
 
 
-class _Pointwise(nn.Module):
-    """1x1 conv with ``flax.linen.Conv``'s parameters (kernel [1, 1, C_in, C_out], bias), computed
-    as a matmul over the last axis. x: [..., C_in] -> [..., features] in ``dtype``."""
-    features: int
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        c_in = x.shape[-1]
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (1, 1, c_in, self.features),
-                            jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-        y = jnp.dot(x.astype(self.dtype), kernel.reshape(c_in, self.features).astype(self.dtype))
-        return y + bias.astype(self.dtype)
-
-
 class SpatialTransformer(nn.Module):
     """diffusers ``Transformer2DModel`` on continuous (image) input, with residual.
 
@@ -204,7 +188,7 @@ class SpatialTransformer(nn.Module):
             proj = lambda f, name: nn.Dense(f, dtype=dt, param_dtype=jnp.float32,  # noqa: E731
                                             name=name)
         else:
-            proj = lambda f, name: _Pointwise(f, dtype=dt, name=name)  # noqa: E731
+            proj = lambda f, name: PointwiseConv(f, dtype=dt, name=name)  # noqa: E731
 
         h = group_norm(x, self.num_groups, 1e-6, "norm").astype(dt).reshape(b, hgt * wid, c)
         h = proj(inner, "proj_in")(h)

@@ -124,11 +124,13 @@ class _MidBlock(nn.Module):
         return res("resnets_1")(x)
 
 
-class _DownEncoderBlock(nn.Module):
+class _ResampleBlock(nn.Module):
+    """diffusers' ``DownEncoderBlock2D`` (``resample="down"``) / ``UpDecoderBlock2D`` ("up"):
+    ``num_layers`` ResBlocks, then the resampler if any (``downsamplers_0`` / ``upsamplers_0``)."""
     out_channels: int
     num_layers: int
     num_groups: int
-    add_downsample: bool
+    resample: Optional[str]  # "down", "up" or None
     dtype: Dtype = jnp.float32
     remat: bool = False
 
@@ -138,26 +140,9 @@ class _DownEncoderBlock(nn.Module):
         for j in range(self.num_layers):
             x = res_cls(self.out_channels, num_groups=self.num_groups, eps=_EPS,
                         dtype=self.dtype, name=f"resnets_{j}")(x)
-        if self.add_downsample:
+        if self.resample == "down":
             x = Downsample(padding=0, dtype=self.dtype, name="downsamplers_0")(x)
-        return x
-
-
-class _UpDecoderBlock(nn.Module):
-    out_channels: int
-    num_layers: int
-    num_groups: int
-    add_upsample: bool
-    dtype: Dtype = jnp.float32
-    remat: bool = False
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        res_cls = nn.remat(ResBlock) if self.remat else ResBlock
-        for j in range(self.num_layers):
-            x = res_cls(self.out_channels, num_groups=self.num_groups, eps=_EPS,
-                        dtype=self.dtype, name=f"resnets_{j}")(x)
-        if self.add_upsample:
+        elif self.resample == "up":
             x = Upsample(dtype=self.dtype, name="upsamplers_0")(x)
         return x
 
@@ -182,9 +167,9 @@ class Encoder(nn.Module):
         boc, n = self.block_out_channels, len(self.block_out_channels)
         h = _conv(boc[0], 3, self.dtype, "conv_in")(x.astype(self.dtype))
         for i, ch in enumerate(boc):
-            h = _DownEncoderBlock(ch, self.layers_per_block, self.norm_num_groups,
-                                  add_downsample=i < n - 1, dtype=self.dtype, remat=self.remat,
-                                  name=f"down_blocks_{i}")(h)
+            h = _ResampleBlock(ch, self.layers_per_block, self.norm_num_groups,
+                               resample="down" if i < n - 1 else None, dtype=self.dtype,
+                               remat=self.remat, name=f"down_blocks_{i}")(h)
         h = _MidBlock(self.norm_num_groups, self.mid_block_add_attention, self.dtype,
                       self.remat, name="mid_block")(h)
         h = nn.silu(group_norm(h, self.norm_num_groups, _EPS, "conv_norm_out"))
@@ -208,9 +193,9 @@ class Decoder(nn.Module):
         h = _MidBlock(self.norm_num_groups, self.mid_block_add_attention, self.dtype,
                       self.remat, name="mid_block")(h)
         for i, ch in enumerate(rev):
-            h = _UpDecoderBlock(ch, self.layers_per_block + 1, self.norm_num_groups,
-                                add_upsample=i < len(rev) - 1, dtype=self.dtype,
-                                remat=self.remat, name=f"up_blocks_{i}")(h)
+            h = _ResampleBlock(ch, self.layers_per_block + 1, self.norm_num_groups,
+                               resample="up" if i < len(rev) - 1 else None, dtype=self.dtype,
+                               remat=self.remat, name=f"up_blocks_{i}")(h)
         h = nn.silu(group_norm(h, self.norm_num_groups, _EPS, "conv_norm_out"))
         return _conv(self.out_channels, 3, self.dtype, "conv_out")(h.astype(self.dtype))
 
