@@ -107,17 +107,17 @@ def main(argv):
     out = FLAGS.out or os.path.join(FLAGS.workdir, "eval_t2i")
     first = results[guidance[0]]
     print(f"\n{FLAGS.workdir} step {run.step}, {s['method']} {s['num_steps']} steps, {len(prompts)} prompts")
-    print(f"{'attribute':<10} {'chance':>7} " + " ".join(f"{'w=' + format(g, 'g'):>7}" for g in guidance))
+    print(f"{'attribute':<10} {'chance':>8} " + " ".join(f"{'w=' + format(g, 'g'):>7}" for g in guidance))
     for k in ("color", "position", "shape", "all"):
-        print(f"{k:<10} {first[k + '_chance']:>7.3f} " + " ".join(f"{results[g][k + '_accuracy']:>7.3f}" for g in guidance))
-    print(f"{'empty':<10} {'':>7} " + " ".join(f"{results[g]['empty_fraction']:>7.3f}" for g in guidance))
+        print(f"{k:<10} {first[k + '_chance']:>8.3f} " + " ".join(f"{results[g][k + '_accuracy']:>7.3f}" for g in guidance))
+    print(f"{'empty':<10} {'':>8} " + " ".join(f"{results[g]['empty_fraction']:>7.3f}" for g in guidance))
     if "held_out" in first:
         n = first["held_out"]["num_prompts"]
         print(f"combinations held out of training ({run.config.data.holdout}): {n} of {len(prompts)} prompts")
         for part in ("held_out", "seen"):
             for k in ("color", "position", "shape", "all"):
                 name = f"{k} ({part.replace('_', '-')})"
-                print(f"{name:<18} " + " ".join(f"{results[g][part][k + '_accuracy']:>7.3f}" for g in guidance))
+                print(f"{name:<19} " + " ".join(f"{results[g][part][k + '_accuracy']:>7.3f}" for g in guidance))
     # The grid: rows = guidance scales, columns = prompts spread over the combinations.
     cols = np.linspace(0, len(prompts) // FLAGS.templates - 1, min(FLAGS.grid_prompts, len(prompts))).round().astype(int)
     grid = images[:, cols].reshape(-1, *images.shape[2:])
