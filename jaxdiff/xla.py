@@ -3,10 +3,10 @@
 One option, for the CPU only: jaxlib 0.10 sends CPU dots, convolutions and reductions to YNNPACK
 library fusions by default (``xla_cpu_experimental_ynn_fusion_type=INDIVIDUAL_DOT,
 INDIVIDUAL_CONVOLUTION,REDUCE``). For a diffusion U-Net's 3x3 convolutions that path is
-1.5-2x slower than XLA's own (Eigen) convolutions on the AVX2 CPU we measured (2-core AMD EPYC,
-see BENCHMARKS.md: the small U-Net's train step at batch 4 146 -> 113 ms, its forward 44 -> 25
-ms; at batch 16 633 -> 389 ms and 161 -> 84 ms; the cross-attention U-Net unchanged within
-noise). So jaxdiff's own ``jax.jit`` calls (the train loop's step, the samplers' loop, the
+1.2-1.7x slower than XLA's own (Eigen) convolutions on the AVX2 CPU we measured (2-core AMD EPYC,
+BENCHMARKS.md, jaxlib's default -> these options, interleaved in one run: the small U-Net's
+train step at batch 4 139.8 -> 113.9 ms, its forward 47.1 -> 28.1 ms; at batch 16 678.9 -> 390.1
+ms and 181.6 -> 112.0 ms; the cross-attention U-Net's train step 277.5 -> 263.7 ms). So jaxdiff's own ``jax.jit`` calls (the train loop's step, the samplers' loop, the
 pipelines' encode/decode, the evaluation networks, the Stable Diffusion pipeline) compile with
 the YNNPACK fusions off on the CPU::
 
