@@ -140,12 +140,12 @@ def test_compositional_holdout_leaves_only_triples_unseen():
 
 
 def test_image_dataset_holdout(data_dir):
-    full = ImageDataset("shapes", "train", batch_size=32, seed=0, data_dir=data_dir)
-    ds = ImageDataset("shapes", "train", batch_size=32, seed=0, data_dir=data_dir, holdout="compositional")
+    full = ImageDataset("shapes", "test", batch_size=32, seed=0, data_dir=data_dir)
+    ds = ImageDataset("shapes", "test", batch_size=32, seed=0, data_dir=data_dir, holdout="compositional")
     every = np.stack([full.annotations(np.arange(full.num_examples))[k] for k in ("shape", "color", "position")], 1)
     kept = np.flatnonzero(~shapes.is_held_out(every, "compositional"))
-    # labels are balanced (52 or 53 of each of the 189 combinations): 21 x 52-53 examples go
-    assert ds.num_examples == len(kept) and 21 * 52 <= full.num_examples - ds.num_examples <= 21 * 53
+    # labels are balanced (5 or 6 of each of the 189 combinations in 1000): 21 x 5-6 examples go
+    assert ds.num_examples == len(kept) and 21 * 5 <= full.num_examples - ds.num_examples <= 21 * 6
     assert "holdout='compositional'" in repr(ds)
     # one epoch of batches: the kept examples, each once, none held out; images match the split's
     steps = ds.num_examples // ds.batch_size
@@ -157,8 +157,9 @@ def test_image_dataset_holdout(data_dir):
     np.testing.assert_array_equal(ds.annotations(idx[:5])["caption"], full.annotations(kept[idx[:5]])["caption"])
     with pytest.raises(ValueError, match="Unknown holdout"):
         ImageDataset("shapes", "train", batch_size=4, data_dir=data_dir, holdout="nope")
-    with pytest.raises(ValueError, match="needs a dataset with"):
+    with pytest.raises(ValueError, match="needs a dataset with"):  # before building digits
         ImageDataset("digits", "train", batch_size=4, data_dir=data_dir, holdout="compositional")
+    assert not os.path.exists(os.path.join(data_dir, "digits"))
 
 
 # ----------------------------------------------------------------------------------- checkers

@@ -165,6 +165,11 @@ class ImageDataset:
         if random_flip and name.split(":")[0] == shapes_lib.NAME:
             raise ValueError("random_flip would mirror shapes left-right away from the positions "
                              "their captions name; use random_flip=False for 'shapes'.")
+        if holdout:  # checked before anything is read or built
+            if name.split(":")[0] != shapes_lib.NAME:
+                raise ValueError(f"holdout={holdout!r} needs a dataset with (shape, color, position) labels "
+                                 f"('shapes'), not {name!r}.")
+            shapes_lib.holdout_labels(holdout)  # raises for an unknown name
         self.name, self.split = name, split
         self.batch_size, self.image_size, self.seed = int(batch_size), image_size, int(seed)
         self.random_flip = random_flip
@@ -179,7 +184,7 @@ class ImageDataset:
         if split_size == 0:
             raise ValueError(f"Split {split!r} of {name!r} is empty.")
         self.holdout = holdout or None
-        self._subset = None if self.holdout is None else self._kept(name, split_size, self.holdout)
+        self._subset = None if self.holdout is None else self._kept(split_size, self.holdout)
         self.num_examples = split_size if self._subset is None else len(self._subset)
         label = features["label"] if "label" in features else None
         self._has_label = label is not None and not drop_labels
@@ -209,12 +214,8 @@ class ImageDataset:
         return (f"ImageDataset({self.name!r}, {self.split!r}, batch_size={self.batch_size}, "
                 f"image_shape={self.image_shape}, num_examples={self.num_examples}, seed={self.seed}{held})")
 
-    def _kept(self, name: str, split_size: int, holdout: str) -> np.ndarray:
+    def _kept(self, split_size: int, holdout: str) -> np.ndarray:
         """Split indices of the examples ``holdout`` keeps (int64, ascending)."""
-        if name.split(":")[0] != shapes_lib.NAME:
-            raise ValueError(f"holdout={holdout!r} needs a dataset with (shape, color, position) labels "
-                             f"('shapes'), not {name!r}.")
-        shapes_lib.holdout_labels(holdout)  # an unknown name fails here, before reading the split
         ex = self._source.__getitems__(list(range(split_size)))
         labels = np.asarray([[e["shape"], e["color"], e["position"]] for e in ex], np.int64)
         return np.flatnonzero(~shapes_lib.is_held_out(labels, holdout))
