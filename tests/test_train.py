@@ -18,6 +18,8 @@ from jaxdiff.data import DatasetNotPreparedError
 from jaxdiff.train.checkpoint import Checkpointer
 from jaxdiff.train.loop import TrainingDivergedError, train
 
+# XLA -O0 for this module (conftest.xla_o0; run_cli passes it to subprocesses): compiles dominate here.
+pytestmark = pytest.mark.usefixtures("xla_o0")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # CLI overrides that make the digits config tiny (8x8, 2 levels, T=100, 6 steps).
@@ -50,7 +52,10 @@ def cli_flags(**overrides):
 
 
 def run_cli(args, data_dir, timeout=300, extra_env=None):
-    env = {**os.environ, "JAXDIFF_DATA_DIR": data_dir, **(extra_env or {})}
+    """Run python ``args`` with the data dir set and, like this module's own programs, XLA at -O0
+    (conftest.xla_o0: the same computation, compiled several times faster)."""
+    env = {**os.environ, "JAXDIFF_DATA_DIR": data_dir, "JAX_DISABLE_MOST_OPTIMIZATIONS": "true",
+           **(extra_env or {})}
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -88,7 +93,7 @@ def test_sigkill_then_rerun_resumes_to_identical_params(data_dir, tmp_path):
     assert ref.returncode == 0, ref.stderr[-3000:]
     # Start the same command, SIGKILL it once checkpoint 3 exists, then re-run it.
     killed_dir = tmp_path / "killed"
-    env = {**os.environ, "JAXDIFF_DATA_DIR": data_dir}
+    env = {**os.environ, "JAXDIFF_DATA_DIR": data_dir, "JAX_DISABLE_MOST_OPTIMIZATIONS": "true"}  # as run_cli
     p = subprocess.Popen([sys.executable, "-m", "experiments.train", f"--workdir={killed_dir}", *flags],
                          cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 240
