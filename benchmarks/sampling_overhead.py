@@ -37,7 +37,7 @@ def _timed_pair(forward, sampler, repeats, num_steps):
 
 def main(argv):
     logging.set_verbosity(logging.WARNING)
-    from jaxdiff import pipelines, sampling
+    from jaxdiff import pipelines, sampling, xla
 
     run = pipelines.load_run(_WORKDIR.value)
     model, params, B = run.model, run.params, _BATCH.value
@@ -45,7 +45,8 @@ def main(argv):
     labels = jnp.arange(B, dtype=jnp.int32) % model.num_classes if model.conditional else None
     extra = {"params": params, **({"labels": labels} if labels is not None else {})}
     fn = model.label_model_fn if model.conditional else model.uncond_model_fn
-    forward = jax.jit(lambda x, t, extra: fn(x, t, **extra))
+    # compiled as the sampler's loop is (jaxdiff.xla's options), or the ratio would compare two compilers
+    forward = xla.jit(lambda x, t, extra: fn(x, t, **extra))
     t = jnp.full((B,), 500.0, jnp.float32)
     print(f"machine: {platform.processor() or platform.machine()}, {jax.devices()[0].device_kind}, "
           f"jax {jax.__version__}; batch {B}, image {model.image_shape}; median of {_REPEATS.value}")

@@ -32,12 +32,14 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Callable
+import types
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 
-CPU_OPTIONS: dict[str, Any] = {"xla_cpu_experimental_ynn_fusion_type": ""}
+# Read-only: compiler_options() caches what it derives from it.
+CPU_OPTIONS: Mapping[str, Any] = types.MappingProxyType({"xla_cpu_experimental_ynn_fusion_type": ""})
 
 __all__ = ["CPU_OPTIONS", "compiler_options", "jit"]
 
@@ -68,14 +70,12 @@ def _known(name: str, value: Any) -> bool:
     return True
 
 
-def _top_level() -> bool:
-    """Whether we are outside any JAX trace (jit, grad, vmap, ...). JAX accepts compiler options
-    only on a top-level ``jax.jit``; a nested call runs inside the outer program instead."""
-    try:
-        from jax._src.core import trace_state_clean
-    except ImportError:  # pragma: no cover - a JAX without it: assume top level
+try:  # whether we are outside any JAX trace (jit, grad, vmap, ...): JAX accepts compiler options
+    # only on a top-level jax.jit; a nested call runs inside the outer program instead
+    from jax._src.core import trace_state_clean as _top_level
+except ImportError:  # pragma: no cover - a JAX without it: assume top level
+    def _top_level() -> bool:
         return True
-    return trace_state_clean()
 
 
 class _Jit:
