@@ -37,7 +37,9 @@ def _timed_pair(forward, sampler, repeats, num_steps):
 
 def main(argv):
     logging.set_verbosity(logging.WARNING)
-    from jaxdiff import pipelines, sampling, xla
+    from jaxdiff import parallel, pipelines, sampling, xla
+
+    parallel.initialize_distributed()  # before anything touches the backend (no-op on one host)
 
     run = pipelines.load_run(_WORKDIR.value)
     model, params, B = run.model, run.params, _BATCH.value

@@ -1018,6 +1018,9 @@ def config_from_args(argv=None) -> BenchConfig:
 
 def main(argv=None) -> dict:
     cfg = config_from_args(argv)
+    from jaxdiff import parallel
+
+    parallel.initialize_distributed()  # before anything touches the backend (no-op on one host)
     if cfg.model == "cond" and cfg.torch:
         # Two SD-sized train states in one process: JAX must not take 75% of the GPU up front.
         # (Read when JAX starts its backend, i.e. at the first jax call below; no effect on CPU.)

@@ -19,7 +19,9 @@ import json
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
+
+from experiments import common
 
 _VAE = flags.DEFINE_string("vae", "runs/vae_digits", "VAE run directory.")
 _LDM = flags.DEFINE_string("ldm", "runs/ldm_digits", "Latent diffusion run directory ('' to skip).")
@@ -68,7 +70,7 @@ def _train_step_ms(runs, steps, batch_size=None):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)
+    common.start_jax()  # before anything touches the JAX backend
     import jax
     import numpy as np
 

@@ -11,7 +11,9 @@ import json
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
+
+from experiments import common
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/ddpm_digits", "Run directory.")
 _NUM = flags.DEFINE_integer("num", 500, "Samples per sampler.")
@@ -25,7 +27,7 @@ _JSON = flags.DEFINE_string("json", None, "Write the results as JSON here.")
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines off the console
+    common.start_jax()  # before anything touches the JAX backend
     import jax
 
     from jaxdiff import pipelines

@@ -18,6 +18,8 @@ import time
 
 from absl import app, flags
 
+from experiments import common
+
 FLAGS = flags.FLAGS
 
 
@@ -78,9 +80,10 @@ def evaluate(run, guidance_scales, *, templates=2, seed=0, batch_size=189, **sam
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    common.start_jax()  # before anything touches the JAX backend
     import numpy as np
 
-    from jaxdiff import pipelines
+    from jaxdiff import parallel, pipelines
     from jaxdiff.train.checkpoint import CheckpointError
 
     try:
@@ -118,6 +121,9 @@ def main(argv):
             for k in ("color", "position", "shape", "all"):
                 name = f"{k} ({part.replace('_', '-')})"
                 print(f"{name:<19} " + " ".join(f"{results[g][part][k + '_accuracy']:>7.3f}" for g in guidance))
+    common.done()
+    if not parallel.is_writer():  # every process sampled its share; process 0 writes
+        return 0
     # The grid: rows = guidance scales, columns = prompts spread over the combinations.
     cols = np.linspace(0, len(prompts) // FLAGS.templates - 1, min(FLAGS.grid_prompts, len(prompts))).round().astype(int)
     grid = images[:, cols].reshape(-1, *images.shape[2:])

@@ -20,7 +20,9 @@ import os
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
+
+from experiments import common
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/ddpm_digits", "Run directory with checkpoints/.")
 _NUM = flags.DEFINE_integer("num", 100, "Number of images.")
@@ -41,31 +43,31 @@ _PROMPT = flags.DEFINE_multi_string("prompt", None, "Prompt (text-to-image runs)
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines off the console
+    common.start_jax()  # before anything touches the JAX backend
     import jax
 
-    from jaxdiff import pipelines
+    from jaxdiff import parallel, pipelines
     from jaxdiff.train.checkpoint import CheckpointError
 
     try:
         run = pipelines.load_run(_WORKDIR.value, _STEP.value)
     except (FileNotFoundError, CheckpointError, ValueError) as e:  # missing run / VAE run, a VAE run given
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return common.fail(f"{e}", 2)
     sampler = dict(method=_SAMPLER.value, num_steps=_STEPS.value, eta=_ETA.value, guidance=_GUIDANCE.value)
     if run.model.text_conditional:
         if _LABELS.value:
-            print("error: this is a text-to-image run: give --prompt, not --labels", file=sys.stderr)
-            return 2
+            return common.fail("this is a text-to-image run: give --prompt, not --labels", 2)
         prompts = pipelines.cycle_prompts(_PROMPT.value or list(run.config.sample.prompts), _NUM.value)
         t0 = time.perf_counter()
         try:
             images = pipelines.generate_text(run.model, run.params, run.schedule, run.config, prompts=prompts,
                                              key=jax.random.key(_SEED.value), batch_size=_BATCH.value, **sampler)
         except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+            return common.fail(f"{e}", 2)
         ncol = len(dict.fromkeys(prompts))
+        common.done()
+        if not parallel.is_writer():  # every process sampled its share; process 0 writes
+            return 0
         pipelines.save_samples(_OUT.value, images, ncol=ncol, prompts=prompts)
         s = pipelines.sampler_settings(run.config, **sampler)
         print(f"Wrote {os.path.abspath(_OUT.value)}.png and .npz: {images.shape[0]} images {images.shape[1:]} "
@@ -73,16 +75,14 @@ def main(argv):
               f"{s['guidance']}, {time.perf_counter() - t0:.1f} s")
         return 0
     if _PROMPT.value:
-        print("error: --prompt needs a text-to-image run (model.type='text_unet'); this run is "
-              + ("class-conditional: use --labels" if run.model.conditional else "unconditional"), file=sys.stderr)
-        return 2
+        return common.fail("--prompt needs a text-to-image run (model.type='text_unet'); this run is "
+              + ("class-conditional: use --labels" if run.model.conditional else "unconditional"), 2)
     labels = None
     if _LABELS.value:
         try:
             labels = [int(v) for v in _LABELS.value]
         except ValueError:
-            print(f"error: --labels must be integers, got {_LABELS.value}", file=sys.stderr)
-            return 2
+            return common.fail(f"--labels must be integers, got {_LABELS.value}", 2)
         if len(labels) == 1:
             labels = labels * _NUM.value
     t0 = time.perf_counter()
@@ -93,8 +93,10 @@ def main(argv):
             eta=_ETA.value, guidance=_GUIDANCE.value,
         )
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return common.fail(f"{e}", 2)
+    common.done()
+    if not parallel.is_writer():  # every process sampled its share; process 0 writes
+        return 0
     pipelines.save_samples(_OUT.value, images, labels)
     s = pipelines.sampler_settings(run.config, method=_SAMPLER.value, num_steps=_STEPS.value,
                                    eta=_ETA.value, guidance=_GUIDANCE.value)

@@ -5,12 +5,19 @@ Re-running the same command resumes from the latest checkpoint in the workdir. L
 
     python -m experiments.train --config=experiments/configs/vae_digits.py --workdir=runs/vae_digits
     python -m experiments.train --config=experiments/configs/ldm_digits.py --workdir=runs/ldm_digits
+
+Many processes (README "Many hosts"): start one per host with JAX_COORDINATOR_ADDRESS /
+JAX_NUM_PROCESSES / JAX_PROCESS_ID (or under SLURM / on a TPU pod), or try it locally with
+``python -m experiments.launch --processes=2 --devices_per_process=2 -- experiments.train ...``.
+SIGTERM saves a checkpoint and exits 0; re-running resumes.
 """
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
+
+from experiments import common
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 _CONFIG = config_flags.DEFINE_config_file(
@@ -23,12 +30,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, met
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines off the console
-    import jax
-
-    # Persistent XLA cache: re-running (resuming) the same config skips recompilation.
-    if not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/jaxdiff/xla"))
+    common.start_jax()  # before anything touches the JAX backend
     from jaxdiff.train.checkpoint import CheckpointError
     from jaxdiff.train.loop import TrainingDivergedError, train
     from jaxdiff.data import DatasetNotPreparedError
@@ -41,8 +43,12 @@ def main(argv):
         summary = train(_CONFIG.value, workdir)
     except (TrainingDivergedError, CheckpointError, DatasetNotPreparedError, VAENotReadyError, PermissionError,
             ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return common.fail(str(e))
+    common.done()
+    if summary["preempted"]:
+        print(f"Preempted: saved checkpoint step {summary['checkpoint_step']} in {os.path.abspath(workdir)}/checkpoints; "
+              "re-run the same command to resume.", flush=True)
+        return 0
     print(f"Done: step {summary['step']}, loss {summary['loss']:.4f}, "
           f"{summary['steps_per_sec']:.2f} steps/s, checkpoint step {summary['checkpoint_step']} in "
           f"{os.path.abspath(workdir)}/checkpoints" + (f", samples {summary['samples']}" if summary["samples"] else ""))

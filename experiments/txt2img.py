@@ -17,6 +17,8 @@ from typing import Any, Optional, Sequence, Union
 
 from absl import app, flags
 
+from experiments import common
+
 FLAGS = flags.FLAGS
 
 
@@ -103,6 +105,12 @@ def main(argv):
     if not f.model or not f.prompt:
         print("error: --model=FOLDER and --prompt \"...\" are required", file=sys.stderr)
         return 2
+    common.start_jax()  # before anything touches the JAX backend
+    import jax
+
+    if jax.process_count() > 1:
+        return common.fail("txt2img runs on one process (a Stable Diffusion folder's pipeline is not sharded "
+                           "yet); start it without JAX_COORDINATOR_ADDRESS / the launcher.", 2)
     try:
         run_txt2img(f.model, f.prompt, num=f.num, steps=f.steps, guidance=f.guidance, sampler=f.sampler,
                     seed=f.seed, out=f.out, negative_prompt=f.negative_prompt, height=f.height, width=f.width,

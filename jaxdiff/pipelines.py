@@ -28,8 +28,9 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from jaxdiff import sampling, xla
+from jaxdiff import parallel, sampling, xla
 from jaxdiff.data import ImageDataset
+from jaxdiff.data.pipeline import prefetched
 from jaxdiff.nn.discriminator import PatchDiscriminator
 from jaxdiff.nn.text import CLIPTextTransformer
 from jaxdiff.nn.unet import UNet
@@ -255,25 +256,32 @@ def generate(
         raise ValueError("This model is unconditional: it takes no labels.")
     guided = model.conditional and float(s["guidance"]) != 1.0
 
-    def batch_args(lo, n):
+    def batch_args(idx):
         extra = {"params": params}
         if guided:
-            y = jnp.asarray(labels[lo : lo + n])
-            extra.update(cond=y, null_cond=jnp.full_like(y, model.num_classes),
-                         guidance_scale=jnp.float32(s["guidance"]))
+            y = labels[idx]
+            extra.update(cond=y, null_cond=np.full_like(y, model.num_classes),
+                         guidance_scale=np.float32(s["guidance"]))
             return sampling.cfg_model_fn(model.label_model_fn), extra
         if model.conditional:
-            extra["labels"] = jnp.asarray(labels[lo : lo + n])
+            extra["labels"] = labels[idx]
             return model.label_model_fn, extra
         return model.uncond_model_fn, extra
 
-    return _sample_in_batches(model, schedule, config, s, key, num, batch_size, batch_args), labels
+    return _sample_in_batches(model, params, schedule, config, s, key, num, batch_size, batch_args), labels
 
 
-def _sample_in_batches(model, schedule, config, s: dict, key, num: int, batch_size: int | None, batch_args) -> np.ndarray:
+def _sample_in_batches(model, params, schedule, config, s: dict, key, num: int, batch_size: int | None,
+                       batch_args) -> np.ndarray:
     """The sampling loop of :func:`generate` and :func:`generate_text`: batch ``i`` (images ``lo``
     to ``lo + n``) starts from noise and sampler keys split from ``fold_in(key, i)`` and runs
-    ``batch_args(lo, n) -> (model_fn, extra_args)``; latents are decoded. uint8 [num, H, W, C]."""
+    ``batch_args(idx) -> (model_fn, extra_args)`` for the image indices ``idx``; latents are
+    decoded. uint8 [num, H, W, C], the whole set on every process.
+
+    When ``params`` live on a mesh (a training state, :func:`load_run`), each batch is split over
+    the mesh's devices, on every process; a batch that does not divide evenly is padded with extra
+    rows (the last image's conditioning, further noise rows) that are dropped afterwards. Noise rows
+    do not depend on the padding, so the images are the same for any number of devices."""
     sample_kwargs = dict(method=s["method"], num_steps=int(s["num_steps"]), prediction=config.diffusion.prediction,
                          clip_x0=config.sample.get("clip_x0", 1.0) or None)
     if s["method"] == "ddim":
@@ -281,17 +289,37 @@ def _sample_in_batches(model, schedule, config, s: dict, key, num: int, batch_si
     if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive int (images per compiled sampler call) or None, got {batch_size!r}.")
     batch_size = batch_size or num
+    mesh = _mesh_of(params)
+    devices = 1 if mesh is None else parallel.batch_devices(mesh)
     out = []
     for i, lo in enumerate(range(0, num, batch_size)):
         n = min(batch_size, num - lo)
+        m = -(-n // devices) * devices  # padded to a multiple of the batch devices
         k_noise, k_sample = jax.random.split(jax.random.fold_in(key, i))
-        x_T = jax.random.normal(k_noise, (n, *model.image_shape), jnp.float32)
-        fn, extra = batch_args(lo, n)
+        shape = (m, *model.image_shape)
+        if mesh is None:
+            x_T = jax.random.normal(k_noise, shape, jnp.float32)
+        else:
+            x_T = _sharded_normal(shape, parallel.data_sharding(mesh))(k_noise)
+        fn, extra = batch_args(np.minimum(np.arange(lo, lo + m), lo + n - 1))
         x0 = sampling.sample(fn, schedule, x_T, key=k_sample, extra_args=extra, **sample_kwargs)
-        if model.autoencoder is not None:  # latents -> pixels
-            x0 = model.autoencoder.decode(x0)
-        out.append(np.asarray(to_uint8(x0)))
+        if model.autoencoder is not None:  # latents -> pixels, on each process's own device
+            x0 = model.autoencoder.decode(parallel.to_host(x0)[:n] if mesh is not None else x0)
+        out.append(parallel.to_host(to_uint8(x0))[:n])
     return np.concatenate(out)
+
+
+def _mesh_of(params) -> jax.sharding.Mesh | None:
+    """The mesh ``params`` are placed on (None for single-device arrays)."""
+    sharding = getattr(jax.tree.leaves(params)[0], "sharding", None)
+    return sharding.mesh if isinstance(sharding, jax.sharding.NamedSharding) else None
+
+
+@functools.lru_cache(maxsize=32)
+def _sharded_normal(shape, sharding):
+    """A jitted ``key -> normal(key, shape)`` laid out by ``sharding``: every process computes only
+    its rows, and the values equal the unsharded draw."""
+    return jax.jit(lambda k: jax.random.normal(k, shape, jnp.float32), out_shardings=sharding)
 
 
 # ----------------------------------------------------------------------------- images on disk
@@ -350,9 +378,11 @@ class Run:
     step: int
 
 
-def load_run(workdir: str, step: int | None = None) -> Run:
+def load_run(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | None = None) -> Run:
     """The EMA params, model, schedule and config of the latest (or given) checkpoint of a run.
 
+    The params are replicated over ``mesh`` (default: all devices, :func:`jaxdiff.parallel.make_mesh`),
+    so :func:`generate` splits its batches over them, on every process of a multi-process job.
     For a latent diffusion run the model carries its autoencoder (the VAE run and checkpoint step
     recorded in the run's metadata), so :func:`generate` returns decoded pixels."""
     from jaxdiff.train.checkpoint import Checkpointer
@@ -376,7 +406,7 @@ def load_run(workdir: str, step: int | None = None) -> Run:
             autoencoder = dataclasses.replace(autoencoder, scale_factor=float(v["scale_factor"]))
         model = build_model(config, meta["model"]["image_shape"], meta["model"]["num_classes"], autoencoder)
         abstract = jax.eval_shape(model.init_params, jax.random.key(0))
-        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        sharding = parallel.replicated(mesh if mesh is not None else parallel.make_mesh())
         target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
         state = _restore_ema(ckpt, step, target)
     finally:
@@ -556,7 +586,8 @@ class LatentAutoencoder:
     config: ml_collections.ConfigDict | None = None
 
     def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 [N, H, W, C] -> scaled posterior (mean, std), float32 NumPy [N, h, w, c] each."""
+        """uint8 [N, H, W, C] -> scaled posterior (mean, std), float32 NumPy [N, h, w, c] each
+        (computed on this process's own device, in fixed-size chunks: one compilation for any N)."""
         mean, std = self.vae.encode_images(self.params, images)
         s = np.float32(self.scale_factor)
         return mean * s, std * s
@@ -601,7 +632,8 @@ def load_vae(workdir: str, step: int | None = None) -> LatentAutoencoder:
         config = ml_collections.ConfigDict(meta["config"])
         vae = build_vae(config, meta["model"]["image_shape"])
         abstract = jax.eval_shape(vae.init_params, jax.random.key(0))
-        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        # On this process's own first device: encoding and decoding are local computations.
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
         try:
             params = _restore_ema(ckpt, step, target)
@@ -619,10 +651,12 @@ def load_vae(workdir: str, step: int | None = None) -> LatentAutoencoder:
 class LatentDataset:
     """Batches of scaled VAE latents of an :class:`ImageDataset`, in the same (seed, step) order.
 
-    The whole split is encoded once (posterior mean and std, times the scale factor) and kept in
-    memory. Batch ``step`` holds ``scale * (mean + std * eps)`` (a posterior sample, as latent
-    diffusion trains; ``sample_posterior=False``: the means), eps from
-    ``Generator(PCG64([seed, step, 2]))``: pure in (seed, step), so resume is exact.
+    Examples are encoded (posterior mean and std, times the scale factor) when a batch first needs
+    them, by the process whose rows hold them, and kept in memory; a process never encodes the rows
+    of other processes. Batch ``step`` holds ``scale * (mean + std * eps)`` (a posterior sample, as
+    latent diffusion trains; ``sample_posterior=False``: the means), eps from
+    ``Generator(PCG64([seed, step, 2]))`` for the whole global batch: pure in (seed, step), so resume
+    is exact and the global batch is the same for any number of processes.
 
     Attributes as :class:`ImageDataset`: ``name``, ``split``, ``batch_size``, ``seed``,
     ``num_examples``, ``num_classes``, ``image_shape`` (the latent shape), plus ``autoencoder``.
@@ -634,45 +668,53 @@ class LatentDataset:
         self.batch_size, self.seed, self.num_examples = images.batch_size, images.seed, images.num_examples
         self.num_classes = images.num_classes
         self.image_shape = tuple(autoencoder.vae.latent_shape)
-        pixels, labels = images.examples(np.arange(images.num_examples))
-        self.mean, self.std = autoencoder.encode(pixels)
-        self.labels = labels.astype(np.int32)
         self.annotation_keys = tuple(getattr(images, "annotation_keys", ()))
-        self.annotations = images.annotations(np.arange(images.num_examples)) if self.annotation_keys else {}
+        self._mean = np.empty((self.num_examples, *self.image_shape), np.float32)
+        self._std = np.empty_like(self._mean)
+        self._encoded = np.zeros((self.num_examples,), bool)
 
     def __repr__(self) -> str:
         return (f"LatentDataset({self.name!r}, {self.split!r}, batch_size={self.batch_size}, "
                 f"latent_shape={self.image_shape}, num_examples={self.num_examples}, vae={self.autoencoder.workdir!r} "
                 f"step {self.autoencoder.step}, scale_factor={self.autoencoder.scale_factor:.5g})")
 
-    def batch(self, step: int) -> dict[str, np.ndarray]:
+    def latents(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Scaled posterior ``(mean, std)`` of examples ``indices``: float32 [n, h, w, c] each,
+        encoding those not encoded yet."""
+        indices = np.asarray(indices, np.int64)
+        missing = np.unique(indices[~self._encoded[indices]])
+        if missing.size:
+            mean, std = self.autoencoder.encode(self.images.examples(missing)[0])
+            self._mean[missing], self._std[missing] = mean, std
+            self._encoded[missing] = True
+        return self._mean[indices], self._std[indices]
+
+    def batch(self, step: int, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """``{'image': float32 [B, h, w, c] scaled latents, 'label': int32 [B]}`` (no label if unconditional),
-        plus the image dataset's ``annotation_keys`` (e.g. ``caption``)."""
+        plus the image dataset's ``annotation_keys`` (e.g. ``caption``). ``rows``: only those rows of
+        the global batch (one process's share), as :meth:`ImageDataset.batch`."""
         if not isinstance(step, (int, np.integer)) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}.")
         idx = self.images.indices(int(step))
-        z = self.mean[idx]
+        if rows is not None:
+            idx = idx[np.asarray(rows)]
+        z, std = self.latents(idx)
         if self.sample_posterior:
-            eps = np.random.Generator(np.random.PCG64([self.seed, int(step), 2])).standard_normal(z.shape, np.float32)
-            z = z + self.std[idx] * eps
+            eps = np.random.Generator(np.random.PCG64([self.seed, int(step), 2])).standard_normal(
+                (self.batch_size, *self.image_shape), np.float32)
+            z = z + std * (eps if rows is None else eps[np.asarray(rows)])
         out = {"image": z}
         if self.num_classes is not None:
-            out["label"] = self.labels[idx]
-        for k, v in self.annotations.items():  # captions (str) and attribute ids, as ImageDataset
-            out[k] = v[idx]
+            out["label"] = self.images.examples(idx)[1]
+        if self.annotation_keys:  # captions (str) and attribute ids, as ImageDataset
+            out.update(self.images.annotations(idx))
         return out
 
-    def iterate(self, start_step: int = 0, prefetch: int = 0):
-        """Endless batches from ``start_step`` (cheap gathers: no prefetch thread needed)."""
+    def iterate(self, start_step: int = 0, prefetch: int = 0, rows: np.ndarray | None = None):
+        """Endless batches from ``start_step`` (``prefetch`` ahead on a thread; 0: none)."""
         if not isinstance(start_step, (int, np.integer)) or start_step < 0:
             raise ValueError(f"start_step must be a non-negative int, got {start_step!r}.")
-
-        def gen(step):
-            while True:
-                yield self.batch(step)
-                step += 1
-
-        return gen(int(start_step))
+        return prefetched(functools.partial(self.batch, rows=rows), int(start_step), int(prefetch))
 
 
 # ----------------------------------------------------------------------------- text-to-image (trained from scratch)
@@ -820,8 +862,8 @@ class TokenizedCaptions:
                "attention_mask": np.stack([self._cache[c][1] for c in captions])}
         return out
 
-    def batch(self, step: int) -> dict[str, np.ndarray]:
-        return self._convert(self.dataset.batch(step))
+    def batch(self, step: int, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        return self._convert(self.dataset.batch(step, rows))
 
     def iterate(self, start_step: int = 0, **kwargs):
         return (self._convert(b) for b in self.dataset.iterate(start_step, **kwargs))
@@ -865,12 +907,12 @@ def generate_text(
     guided = float(s["guidance"]) != 1.0
     null_ctx = model.encode_text(params, null_ids, null_mask) if guided else None
 
-    def batch_args(lo, n):
-        cond = (model.encode_text(params, ids[lo : lo + n], mask[lo : lo + n]), jnp.asarray(mask[lo : lo + n]))
+    def batch_args(idx):
+        cond = (model.encode_text(params, ids[idx], mask[idx]), mask[idx])
         if guided:
             return sampling.cfg_model_fn(model.context_model_fn), {
-                "params": params, "cond": cond, "null_cond": (null_ctx, jnp.asarray(null_mask)),
-                "guidance_scale": jnp.float32(s["guidance"])}
+                "params": params, "cond": cond, "null_cond": (null_ctx, null_mask),
+                "guidance_scale": np.float32(s["guidance"])}
         return model.context_model_fn, {"params": params, "cond": cond}
 
-    return _sample_in_batches(model, schedule, config, s, key, len(prompts), batch_size, batch_args)
+    return _sample_in_batches(model, params, schedule, config, s, key, len(prompts), batch_size, batch_args)

@@ -138,12 +138,12 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent(
     step_fn = make_train_step(model.train_apply_fn(0.1), opt, pipelines.build_schedule(c), ema_decay=0.9)
     ds = ImageDataset("digits", "train", batch_size=16, image_size=8)
 
-    def run(n, fsdp=False):
-        mesh = parallel.make_mesh(n)
+    def run(n, fsdp=False):  # fsdp: all n devices on the mesh's fsdp axis
+        mesh = parallel.make_mesh(n, fsdp=n if fsdp else 1)
         state = create_train_state(jax.jit(model.init_params)(jax.random.key(0)), opt)
-        sh = TrainState(step=parallel.replicated(mesh), params=parallel.param_shardings(state.params, mesh, fsdp=fsdp, min_size=256),
-                        ema_params=parallel.param_shardings(state.params, mesh, fsdp=fsdp, min_size=256),
-                        opt_state=parallel.param_shardings(state.opt_state, mesh, fsdp=fsdp, min_size=256))
+        sh = TrainState(step=parallel.replicated(mesh), params=parallel.param_shardings(state.params, mesh, min_size=256),
+                        ema_params=parallel.param_shardings(state.params, mesh, min_size=256),
+                        opt_state=parallel.param_shardings(state.opt_state, mesh, min_size=256))
         state = jax.device_put(state, sh)
         f = jax.jit(step_fn, in_shardings=(sh, parallel.data_sharding(mesh)), out_shardings=(sh, parallel.replicated(mesh)))
         losses = []
@@ -214,8 +214,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monke
         ds = real_make_dataset(config, split, **kwargs)
         real_iterate = ds.iterate
 
-        def iterate(start_step=0, prefetch=2):
-            for step, batch in enumerate(real_iterate(start_step, prefetch), start_step):
+        def iterate(start_step=0, prefetch=2, rows=None):
+            for step, batch in enumerate(real_iterate(start_step, prefetch, rows), start_step):
                 if step >= 4:
                     batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
                 yield batch

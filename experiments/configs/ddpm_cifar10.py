@@ -10,6 +10,9 @@ def get_config():
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.num_devices = 0
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = 0  # devices on the batch-only axis; 0 = all not on fsdp
+    c.mesh.fsdp = 1  # devices that also split params, EMA and optimizer state (FSDP)
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "cifar10"
@@ -45,7 +48,6 @@ def get_config():
     c.train.weight_decay = 0.0
     c.train.grad_clip = 1.0
     c.train.ema_decay = 0.9999
-    c.train.fsdp = False
     c.train.log_every = 100
     c.train.checkpoint_every = 10_000
     c.train.keep_checkpoints = 3

@@ -9,6 +9,9 @@ def get_config():
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.num_devices = 0  # 0 = all visible devices
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = 0  # devices on the batch-only axis; 0 = all not on fsdp
+    c.mesh.fsdp = 1  # devices that also split params, EMA and optimizer state (FSDP)
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "digits"
@@ -44,7 +47,6 @@ def get_config():
     c.train.weight_decay = 0.0
     c.train.grad_clip = 1.0
     c.train.ema_decay = 0.999
-    c.train.fsdp = False
     c.train.log_every = 50
     c.train.checkpoint_every = 250
     c.train.keep_checkpoints = 2

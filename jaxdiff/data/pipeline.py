@@ -276,16 +276,22 @@ class ImageDataset:
             out[epoch == e] = self._perm(int(e))[pos[epoch == e]]
         return out
 
-    def batch(self, step: int) -> dict[str, np.ndarray]:
+    def batch(self, step: int, rows: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
         """Batch ``step``: ``{'image': float32 [B, H, W, C] in [-1, 1], 'label': int32 [B]}``; pure in (seed, step).
 
         Plus one ``[B]`` array per ``annotation_keys`` (``str`` for Text, int32 for ClassLabel).
+        ``rows`` (int indices into ``0..B-1``): read and decode only those rows of the global batch
+        (one process's share, :func:`jaxdiff.parallel.host_rows`); the arrays then have ``len(rows)``
+        rows, equal to the same rows of the whole batch.
         """
         if not isinstance(step, (int, np.integer)) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}.")
-        images, labels, annotations = self._examples(self.indices(int(step)))
+        rows = _check_rows(rows, self.batch_size)
+        indices = self.indices(int(step))
+        images, labels, annotations = self._examples(indices if rows is None else indices[rows])
         if self.random_flip:
             flip = np.random.Generator(np.random.PCG64([self.seed, int(step), 1])).random(self.batch_size) < 0.5
+            flip = flip if rows is None else flip[rows]
             images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
         out = {"image": images.astype(np.float32) / 127.5 - 1.0}
         if self._has_label:
@@ -294,48 +300,63 @@ class ImageDataset:
             out[k] = v.astype(str) if self._is_text[k] else v
         return out
 
-    def iterate(self, start_step: int = 0, prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
-        """Endless batches ``batch(start_step), batch(start_step + 1), ...``, ``prefetch`` ahead on a thread."""
+    def iterate(self, start_step: int = 0, prefetch: int = 2,
+                rows: Optional[np.ndarray] = None) -> Iterator[dict[str, np.ndarray]]:
+        """Endless batches ``batch(start_step, rows), batch(start_step + 1, rows), ...``, ``prefetch``
+        ahead on a thread."""
         if not isinstance(start_step, (int, np.integer)) or start_step < 0:
             raise ValueError(f"start_step must be a non-negative int, got {start_step!r}.")
         if prefetch < 0:
             raise ValueError(f"prefetch must be >= 0, got {prefetch!r}.")
-        return self._iterate(int(start_step), int(prefetch))
+        return prefetched(functools.partial(self.batch, rows=_check_rows(rows, self.batch_size)),
+                          int(start_step), int(prefetch))
 
-    def _iterate(self, step: int, prefetch: int) -> Iterator[dict[str, np.ndarray]]:
-        if prefetch == 0:
-            while True:
-                yield self.batch(step)
-                step += 1
-        q: queue.Queue = queue.Queue(maxsize=prefetch)
-        stop = threading.Event()
 
-        def put(item) -> None:
-            while not stop.is_set():
-                try:
-                    return q.put(item, timeout=0.1)
-                except queue.Full:
-                    pass
+def _check_rows(rows, batch_size: int) -> Optional[np.ndarray]:
+    if rows is None:
+        return None
+    rows = np.asarray(rows)
+    if rows.ndim != 1 or rows.dtype.kind not in "iu" or (rows.size and (rows.min() < 0 or rows.max() >= batch_size)):
+        raise ValueError(f"rows must be int indices into the batch of {batch_size}, got {rows!r}.")
+    return rows
 
-        def worker(step: int) -> None:
+
+def prefetched(batch_fn, step: int, prefetch: int) -> Iterator:
+    """Endless ``batch_fn(step), batch_fn(step + 1), ...``, computed ``prefetch`` ahead on a thread
+    (0: in the caller's thread); an error in the thread is raised in the consumer."""
+    if prefetch == 0:
+        while True:
+            yield batch_fn(step)
+            step += 1
+    q: queue.Queue = queue.Queue(maxsize=prefetch)
+    stop = threading.Event()
+
+    def put(item) -> None:
+        while not stop.is_set():
             try:
-                while not stop.is_set():
-                    put((self.batch(step), None))
-                    step += 1
-            except BaseException as e:  # handed to the consumer, raised there
-                put((None, e))
+                return q.put(item, timeout=0.1)
+            except queue.Full:
+                pass
 
-        thread = threading.Thread(target=worker, args=(step,), daemon=True, name="jaxdiff-prefetch")
-        thread.start()
+    def worker(step: int) -> None:
         try:
-            while True:
-                batch, error = q.get()
-                if error is not None:
-                    raise error
-                yield batch
-        finally:
-            stop.set()
-            thread.join(timeout=5.0)
+            while not stop.is_set():
+                put((batch_fn(step), None))
+                step += 1
+        except BaseException as e:  # handed to the consumer, raised there
+            put((None, e))
+
+    thread = threading.Thread(target=worker, args=(step,), daemon=True, name="jaxdiff-prefetch")
+    thread.start()
+    try:
+        while True:
+            batch, error = q.get()
+            if error is not None:
+                raise error
+            yield batch
+    finally:
+        stop.set()
+        thread.join(timeout=5.0)
 
 
 @functools.lru_cache(maxsize=16)

@@ -26,6 +26,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--data_dir", default=None, help="data dir (default: $JAXDIFF_DATA_DIR or TFDS's)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
+    from jaxdiff import parallel
+
+    try:  # a multi-process job: join it before anything touches the backend (no-op on one host)
+        parallel.initialize_distributed()
+    except (parallel.DistributedInitError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     def fail(message: str) -> int:
         print(f"error: {message}", file=sys.stderr)

@@ -8,6 +8,7 @@ written on N devices restores onto M devices.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import jax
@@ -108,6 +109,23 @@ class Checkpointer:
             raise CheckpointError(f"No checkpoint found in {self.directory}.")
         out = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(out.meta)
+
+    def set_aside(self, step: int) -> str:
+        """Move checkpoint ``step`` (unreadable) out of the way, to ``WORKDIR/checkpoints.corrupt/<step>``:
+        kept for inspection, never deleted, and no longer found by resume. Process 0 moves it; every
+        process then sees the remaining checkpoints. Returns the new path."""
+        from jaxdiff import parallel
+
+        src = os.path.join(self.directory, str(int(step)))
+        dst = os.path.join(self.directory + ".corrupt", str(int(step)))
+        if os.path.exists(dst):
+            dst = f"{dst}.{int(time.time())}"
+        if parallel.is_writer():
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            os.rename(src, dst)
+        parallel.sync(f"jaxdiff_set_aside_{int(step)}")
+        self._manager.reload()
+        return dst
 
     def close(self) -> None:
         self._manager.close()

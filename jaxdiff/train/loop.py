@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import os
+import socket
 import time
 from typing import Any, Callable
 
@@ -41,7 +42,7 @@ def check_workdir(workdir: str) -> str:
     workdir = os.path.abspath(workdir)
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write_probe_{os.getpid()}")
+        probe = os.path.join(workdir, f".write_probe_{socket.gethostname()}_{os.getpid()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
@@ -71,8 +72,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int |
     ``config.task``: ``"diffusion"`` (default; a latent diffusion model when ``config.vae.workdir``
     names a trained VAE run) or ``"vae"`` (a KL autoencoder, see :func:`train_vae`).
 
+    Devices: the mesh of ``config.mesh`` (``data`` x ``fsdp``; default all devices on ``data``)
+    over all devices of all processes (``num_devices``/``config.num_devices``: fewer, on one
+    process). Many processes: call :func:`jaxdiff.parallel.initialize_distributed` first; every
+    process runs ``train`` with the same arguments, reads only its own rows of each batch, and only
+    process 0 writes metrics, config, samples and the progress bar (checkpoints are written by all,
+    as Orbax does). SIGTERM (a preemption notice) to any process: all save a checkpoint at the step
+    they agree on and return with ``preempted`` True; re-running resumes there.
+
     Returns a summary dict: final ``step``, last ``loss``, ``steps_per_sec``, the last checkpoint
-    step, the sample grid path and the final ``state`` (a :class:`TrainState`).
+    step, the sample grid path, ``preempted`` and the final ``state`` (a :class:`TrainState`).
     Raises :class:`TrainingDivergedError` on a NaN/Inf loss, :class:`CheckpointError` when a
     checkpoint cannot be written (earlier ones stay intact), ``PermissionError`` for an unwritable
     workdir, ``ValueError`` for a bad config or batch size, and
@@ -82,9 +91,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int |
     if task not in ("diffusion", "vae"):
         raise ValueError(f"config.task must be 'diffusion' or 'vae', got {task!r}.")
     _validate_config(config)
+    parallel.check_initialized()
     workdir = check_workdir(workdir)
-    parallel.initialize_distributed()
-    mesh = parallel.make_mesh(num_devices if num_devices is not None else config.get("num_devices") or None)
+    mesh = parallel.mesh_from_config(config.get("mesh"),
+                                     num_devices if num_devices is not None else config.get("num_devices") or None)
     parallel.check_batch_size(config.train.batch_size, mesh)
     if task == "vae":
         return train_vae(config, workdir, mesh)
@@ -115,11 +125,19 @@ def _peek_meta(workdir: str) -> dict | None:
 
 
 def _init_or_restore(ckpt: Checkpointer, init_state, state_shardings, meta: dict, keys=("model",)):
-    """Restore the latest checkpoint into ``state_shardings`` (refusing one whose ``meta[key]``
-    differ), or initialise directly into the target shardings (no full replica on one device first)."""
+    """Restore the newest readable checkpoint into ``state_shardings`` (refusing one whose ``meta[key]``
+    differ), or initialise directly into the target shardings (no full replica on one device first).
+
+    An unreadable checkpoint (truncated or corrupted files) is reported by step and path, moved to
+    ``checkpoints.corrupt/`` (never deleted) and the next older one is tried."""
     abstract = jax.eval_shape(init_state)
-    if ckpt.latest_step() is not None:
-        saved = ckpt.restore_meta()
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings)
+    for step in sorted(ckpt.all_steps(), reverse=True):
+        try:
+            saved = ckpt.restore_meta(step)
+        except Exception as e:
+            _set_aside(ckpt, step, e)
+            continue
         for key in keys:
             if saved.get(key) != meta.get(key):
                 what = "model config" if key == "model" else key
@@ -127,11 +145,26 @@ def _init_or_restore(ckpt: Checkpointer, init_state, state_shardings, meta: dict
                     f"The checkpoint in {ckpt.directory} was written with a different {what} "
                     f"({saved.get(key)}) than the current one ({meta.get(key)}). Use a new --workdir, or the old config."
                 )
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings)
-        state, _ = ckpt.restore(target)
-        print(f"Resuming from checkpoint step {int(state.step)} in {ckpt.directory}", flush=True)
+        try:
+            state, _ = ckpt.restore(target, step)
+        except CheckpointError as e:
+            _set_aside(ckpt, step, e.__cause__ or e)
+            continue
+        if parallel.is_writer():
+            print(f"Resuming from checkpoint step {int(state.step)} in {ckpt.directory}", flush=True)
         return state
     return jax.jit(init_state, out_shardings=state_shardings)()
+
+
+def _set_aside(ckpt: Checkpointer, step: int, error: BaseException) -> None:
+    path = os.path.join(ckpt.directory, str(step))
+    moved = ckpt.set_aside(step)
+    older = [s for s in ckpt.all_steps() if s < step]
+    if parallel.is_writer():
+        why = " ".join(str(error).split())[:200]
+        print(f"warning: checkpoint step {step} at {path} is unreadable ({type(error).__name__}: {why}); moved it to "
+              f"{moved} (kept, not deleted) and " + (f"trying step {max(older)}." if older else "starting from scratch."),
+              flush=True)
 
 
 def _train_diffusion(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
@@ -161,12 +194,11 @@ def _train_diffusion(config: ml_collections.ConfigDict, workdir: str, mesh) -> d
         return create_train_state(model.init_params(jax.random.key(config.seed)), optimizer)
 
     abstract = jax.eval_shape(init_state)
-    fsdp = tc.get("fsdp", False)
     state_shardings = TrainState(
         step=parallel.replicated(mesh),
-        params=parallel.param_shardings(abstract.params, mesh, fsdp=fsdp),
-        ema_params=parallel.param_shardings(abstract.ema_params, mesh, fsdp=fsdp),
-        opt_state=parallel.param_shardings(abstract.opt_state, mesh, fsdp=fsdp),
+        params=parallel.param_shardings(abstract.params, mesh),
+        ema_params=parallel.param_shardings(abstract.ema_params, mesh),
+        opt_state=parallel.param_shardings(abstract.opt_state, mesh),
     )
     ckpt = Checkpointer(workdir, max_to_keep=tc.get("keep_checkpoints", 3))
     meta = pipelines.run_metadata(config, dataset, model)
@@ -196,6 +228,8 @@ def _train_diffusion(config: ml_collections.ConfigDict, workdir: str, mesh) -> d
 
 
 def _write_config(config, workdir):
+    if not parallel.is_writer():
+        return
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2))
 
@@ -215,9 +249,12 @@ def _host_loop(config, workdir, mesh, dataset, state, step_for, ckpt, *, checkpo
     """Run ``state, metrics = step_for(step)(state, batch)`` from ``state.step`` to
     ``config.train.num_steps``: metrics (fetched every ``log_every`` steps, not every step),
     checkpoints with ``checkpoint_meta(done, state)``, periodic samples (``on_sample(done, state)``)
-    and progress. ``on_checkpoint(done, state) -> {name: float}`` scalars are logged at each save."""
+    and progress. ``on_checkpoint(done, state) -> {name: float}`` scalars are logged at each save.
+
+    Each process reads only its rows of every global batch (:func:`jaxdiff.parallel.host_rows`).
+    A preemption notice (SIGTERM) saves a checkpoint at the step all processes agree on and stops."""
     tc = config.train
-    writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+    writer = MetricWriter(workdir, enabled=parallel.is_writer())
     start = int(state.step)
     num_steps = int(tc.num_steps)
     pending: list[tuple[int, dict]] = []  # device metrics not yet fetched (avoid a sync per step)
@@ -226,6 +263,7 @@ def _host_loop(config, workdir, mesh, dataset, state, step_for, ckpt, *, checkpo
     t_last, s_last = time.perf_counter(), start
     steps_per_sec = math.nan
     grid_path = None
+    preempted = False
 
     def flush():
         nonlocal last_loss
@@ -245,13 +283,13 @@ def _host_loop(config, workdir, mesh, dataset, state, step_for, ckpt, *, checkpo
         last_loss = float(m["loss"])
         return s, {k: float(v) for k, v in m.items() if k != "finite"}
 
-    host_local = tc.batch_size // jax.process_count()
-    lo = jax.process_index() * host_local
-    bar = tqdm(total=num_steps, initial=start, desc="train", dynamic_ncols=True, disable=jax.process_index() != 0)
+    batch_size = int(tc.batch_size)
+    rows = parallel.host_rows(batch_size, mesh)
+    bar = tqdm(total=num_steps, initial=start, desc="train", dynamic_ncols=True, disable=not parallel.is_writer())
+    restore_sigterm = parallel.install_preemption_handler()
     try:
-        for step, batch in zip(range(start, num_steps), dataset.iterate(start_step=start)):
-            batch = {k: v[lo : lo + host_local] for k, v in batch.items()}
-            state, metrics = step_for(step)(state, parallel.shard_batch(batch, mesh))
+        for step, batch in zip(range(start, num_steps), dataset.iterate(start_step=start, rows=rows)):
+            state, metrics = step_for(step)(state, parallel.global_batch(batch, rows, batch_size, mesh))
             pending.append((step, metrics))
             done = step + 1
             bar.update(1)
@@ -264,18 +302,22 @@ def _host_loop(config, workdir, mesh, dataset, state, step_for, ckpt, *, checkpo
                     scalars = {**out[1], "steps_per_sec": steps_per_sec}
                     writer.write(done, scalars)
                     bar.set_postfix(loss=f"{out[1]['loss']:.4f}", steps_s=f"{steps_per_sec:.2f}")
-            if done % tc.checkpoint_every == 0 or done == num_steps:
+            preempted = parallel.reached_preemption(done) and done != num_steps
+            if done % tc.checkpoint_every == 0 or done == num_steps or preempted:
                 flush()
                 ckpt.save(done, state, checkpoint_meta(done, state))
                 last_good_ckpt = done
                 if on_checkpoint is not None:
                     writer.write(done, on_checkpoint(done, state))
                 t_last, s_last = time.perf_counter(), done  # keep checkpoint work out of steps/s
+            if preempted:
+                break
             if on_sample is not None and tc.get("sample_every", 0) and done % tc.sample_every == 0 and done != num_steps:
                 flush()
                 grid_path = on_sample(done, state)
                 t_last, s_last = time.perf_counter(), done
     finally:
+        restore_sigterm()
         bar.close()
         writer.close()
         try:
@@ -288,6 +330,7 @@ def _host_loop(config, workdir, mesh, dataset, state, step_for, ckpt, *, checkpo
         "steps_per_sec": steps_per_sec,
         "checkpoint_step": last_good_ckpt,
         "samples": grid_path,
+        "preempted": preempted,
         "state": state,
     }
 
@@ -330,7 +373,7 @@ def build_vae_training(config: ml_collections.ConfigDict, image_shape, mesh) -> 
             disc_params = disc.init({"params": k_disc}, jnp.zeros((1, *vae.image_shape), jnp.float32))["params"]
         return create_vae_train_state(vae.init_params(k_vae), optimizer, disc_params, disc_optimizer)
 
-    state_shardings = parallel.param_shardings(jax.eval_shape(init_state), mesh, fsdp=tc.get("fsdp", False))
+    state_shardings = parallel.param_shardings(jax.eval_shape(init_state), mesh)
     common = dict(disc_apply=disc_apply, disc_optimizer=disc_optimizer, recon_loss=lc.get("recon", "l1"),
                   kl_weight=float(lc.kl_weight), disc_weight=float(dc.get("weight", 0.0)),
                   disc_start=int(dc.get("start", 0)), adaptive_weight_on=bool(dc.get("adaptive", True)),
@@ -387,7 +430,7 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
         out = {"latent/scale_factor": s["latent"]["scale_factor"], "latent/std": s["latent"]["std"]}
         if s["eval"]:
             out["eval/test_psnr"] = s["eval"]["psnr"]
-        if jax.process_index() == 0:
+        if parallel.is_writer():
             print(f"\nstep {done}: latent scale factor {out['latent/scale_factor']:.5g}"
                   + (f", test PSNR {out['eval/test_psnr']:.2f} dB (EMA params)" if s["eval"] else ""), flush=True)
         return out
@@ -395,11 +438,12 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
     summary = _host_loop(config, workdir, mesh, dataset, state, step_for, ckpt,
                          checkpoint_meta=checkpoint_meta, on_checkpoint=on_checkpoint)
     state = summary["state"]
-    if int(state.step) >= int(tc.num_steps) and test_images is not None and jax.process_index() == 0:
+    if int(state.step) >= int(tc.num_steps) and test_images is not None:
         k = min(len(test_images), 16)
-        rec = vae.reconstruct(state.ema_params, test_images[:k])
+        rec = vae.reconstruct(state.ema_params, test_images[:k])  # every process takes part
         path = os.path.join(workdir, "reconstructions")
-        pipelines.save_samples(path, np.concatenate([test_images[:k], rec]), ncol=k)
+        if parallel.is_writer():
+            pipelines.save_samples(path, np.concatenate([test_images[:k], rec]), ncol=k)
         summary["samples"] = path + ".png"
     return summary
 
@@ -411,8 +455,8 @@ def _write_samples(config, model, schedule, state, workdir, name) -> str:
         prompts = pipelines.cycle_prompts(list(sc.prompts), config.train.num_samples)
         images = pipelines.generate_text(model, state.ema_params, schedule, config, prompts=prompts,
                                          key=jax.random.key(sc.get("seed", 0)))
-        pipelines.save_samples(path, images, ncol=min(len(sc.prompts), len(prompts)), prompts=prompts)
-        if jax.process_index() == 0:
+        if parallel.is_writer():
+            pipelines.save_samples(path, images, ncol=min(len(sc.prompts), len(prompts)), prompts=prompts)
             print(f"Wrote {path}.png and {path}.npz (columns: {', '.join(list(sc.prompts))})", flush=True)
         return path + ".png"
     images, labels = pipelines.generate(
@@ -423,7 +467,7 @@ def _write_samples(config, model, schedule, state, workdir, name) -> str:
         num=config.train.num_samples,
         key=jax.random.key(sc.get("seed", 0)),
     )
-    pipelines.save_samples(path, images, labels)
-    if jax.process_index() == 0:
+    if parallel.is_writer():
+        pipelines.save_samples(path, images, labels)
         print(f"Wrote {path}.png and {path}.npz", flush=True)
     return path + ".png"

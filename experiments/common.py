@@ -1,0 +1,53 @@
+"""What every experiment CLI does first: join the cluster (if any), then set up JAX.
+
+Flags shared by the CLIs that import this module:
+
+    --init_timeout=300   seconds to wait for all processes to reach the coordinator
+    --peer_timeout=60    seconds without a sign of life from another process before stopping
+
+On one host with no cluster environment both are unused (see :mod:`jaxdiff.parallel`).
+"""
+import os
+import sys
+
+from absl import flags, logging
+
+INIT_TIMEOUT = flags.DEFINE_float("init_timeout", 300.0, "Multi-process runs: seconds to wait for every process "
+                                  "to reach the coordinator (JAX_COORDINATOR_ADDRESS) before giving up.")
+PEER_TIMEOUT = flags.DEFINE_float("peer_timeout", 60.0, "Multi-process runs: seconds without a sign of life from "
+                                  "another process before every process stops with a message naming it.")
+
+
+def start_jax() -> None:
+    """Join the cluster the environment describes (before anything touches the backend; a no-op on
+    one host) and turn on the persistent XLA cache. A wrong or half-given cluster environment ends
+    the program with one line naming the variable (exit code 2)."""
+    logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines off the console
+    from jaxdiff import parallel
+
+    try:
+        parallel.initialize_distributed(init_timeout=INIT_TIMEOUT.value, peer_timeout=PEER_TIMEOUT.value)
+    except (parallel.DistributedInitError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    import jax
+
+    # Persistent XLA cache: re-running (resuming) the same config skips recompilation.
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/jaxdiff/xla"))
+
+
+def fail(message: str, code: int = 1) -> int:
+    """One ``error:`` line and exit ``code``; in a multi-process run the other processes are told and
+    stop too (no process waits forever for a failed one)."""
+    from jaxdiff import parallel
+
+    parallel.exit_failed(message, code)
+    return code
+
+
+def done() -> None:
+    """This process ends normally (its silence is no loss to the others)."""
+    from jaxdiff import parallel
+
+    parallel.finished()
