@@ -203,17 +203,16 @@ def check_initialized() -> None:
 
 
 def exit_failed(message: str, code: int = 1) -> None:
-    """Print ``error: message`` (one line), tell the other processes, and leave at once.
-
-    In a multi-process run a failed process must not run JAX's exit-time shutdown (it waits for
-    peers that will never arrive); peers see the failure within a second and exit too."""
+    """Print ``error: message`` (one line). In a multi-process run, also tell the other processes
+    and leave at once: a failed process must not run JAX's exit-time shutdown (it waits for peers
+    that will never arrive); the peers see the failure within a second and exit too. On one
+    process it returns, and the caller exits with ``code``."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     dog = _STATE.get("watchdog")
     if dog is not None:
         dog.report_failure(message)
         sys.stdout.flush()
         os._exit(code)
-    sys.exit(code)
 
 
 def finished() -> None:
@@ -260,7 +259,8 @@ class PeerWatchdog(threading.Thread):
     def _die(self, message: str) -> None:
         if self._stop.is_set():
             return
-        print(f"error: {message}", file=sys.stderr, flush=True)
+        # Process 0's progress bar may hold the line (it ends in a carriage return): start a new one.
+        print(f"{chr(10) if self.me == 0 else ''}error: {message}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(1)
 

@@ -83,7 +83,8 @@ def torch_one_thread():
 # part (test_latent: the shared VAE runs, ~70 s twice; test_text_to_image: the SD folder, the
 # torch pipeline and the compiled generation), so each runs on one worker as a unit; every other
 # test is still scheduled on its own, as with "load".
-ONE_WORKER_MODULES = ("tests/test_latent.py", "tests/test_text_to_image.py", "tests/test_t2i.py")
+ONE_WORKER_MODULES = ("tests/test_latent.py", "tests/test_text_to_image.py", "tests/test_t2i.py",
+                      "tests/test_multihost.py")
 
 
 @pytest.hookimpl(optionalhook=True)
