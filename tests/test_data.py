@@ -94,6 +94,39 @@ def test_iterate_resumes_at_start_step(data_dir, prefetch):
     it.close()
 
 
+def test_a_process_reads_and_decodes_only_its_rows(data_dir):
+    """batch(step, rows): one process's share of the global batch, equal to those rows of the whole
+    batch (flips included), read from the source for those rows alone."""
+    whole = ImageDataset("digits", "train", batch_size=16, image_size=8, seed=3, random_flip=True,
+                         data_dir=data_dir, cache_in_memory=False)
+    part = ImageDataset("digits", "train", batch_size=16, image_size=8, seed=3, random_flip=True,
+                        data_dir=data_dir, cache_in_memory=False)
+    read = []
+    source = part._source
+
+    class Counting:  # records which examples the process asks the array_record source for
+        def __len__(self):
+            return len(source)
+
+        def __getitems__(self, keys):
+            read.extend(keys)
+            return source.__getitems__(keys)
+
+    part._source = Counting()
+    rows = np.arange(8, 16)
+    for step in (0, 5, 200):  # 200: a batch in a later epoch
+        a, b = whole.batch(step), part.batch(step, rows=rows)
+        assert set(a) == set(b) == {"image", "label"}
+        for k in a:
+            np.testing.assert_array_equal(b[k], a[k][rows])
+        assert sorted(read) == sorted(int(i) for i in whole.indices(step)[rows])
+        read.clear()
+    it = part.iterate(5, rows=rows)
+    np.testing.assert_array_equal(next(it)["image"], whole.batch(5)["image"][rows])
+    with pytest.raises(ValueError, match="rows must be int indices into the batch of 16"):
+        part.batch(0, rows=[16])
+
+
 def test_every_example_once_per_epoch(data_dir):
     ds = ImageDataset("digits", "train", batch_size=100, seed=0, data_dir=data_dir)
     n = ds.num_examples

@@ -165,6 +165,15 @@ def test_latent_batches_carry_the_captions(data_dir):
     b, raw = latents.batch(3), images.batch(3)
     np.testing.assert_array_equal(b["caption"], raw["caption"])
     np.testing.assert_allclose(b["image"][:, 0, 0], ((raw["image"] + 1) * 127.5).reshape(8, -1, 3).mean(1), atol=1e-3)
+    # One process's rows: the same rows of the whole batch, captions with their latents.
+    rows = np.array([1, 5, 6])
+    encoder = MeanEncoder()
+    encoded = []
+    encoder.encode = lambda pixels: (encoded.append(len(pixels)), MeanEncoder.encode(encoder, pixels))[1]
+    part = pipelines.LatentDataset(images, encoder, sample_posterior=False).batch(3, rows=rows)
+    np.testing.assert_array_equal(part["caption"], b["caption"][rows])
+    np.testing.assert_array_equal(part["image"], b["image"][rows])
+    assert encoded == [len(np.unique(images.indices(3)[rows]))]  # only this process's examples encoded
 
 
 def test_tiny_run_trains_and_samples_by_prompt(data_dir, tiny_run):
