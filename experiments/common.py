@@ -38,12 +38,25 @@ def start_jax() -> None:
 
 
 def fail(message: str, code: int = 1) -> int:
-    """One ``error:`` line and exit ``code``; in a multi-process run the other processes are told and
-    stop too (no process waits forever for a failed one)."""
+    """One ``error:`` line; returns ``code`` for ``main`` to return. In a multi-process run the
+    process leaves at once and the other processes are told and stop too (none waits forever)."""
     from jaxdiff import parallel
 
     parallel.exit_failed(message, code)
     return code
+
+
+def fail_unexpected(error: BaseException) -> None:
+    """In a multi-process run, an unexpected exception in one process would leave it waiting in
+    JAX's exit-time shutdown and the others in their next collective: print its traceback, tell the
+    others and leave. On one process, return (the caller re-raises)."""
+    import jax
+
+    if jax.process_count() > 1:
+        import traceback
+
+        traceback.print_exc()
+        fail(f"{type(error).__name__}: {error}")
 
 
 def done() -> None:

@@ -44,6 +44,9 @@ def main(argv):
     except (TrainingDivergedError, CheckpointError, DatasetNotPreparedError, VAENotReadyError, PermissionError,
             ValueError) as e:
         return common.fail(str(e))
+    except Exception as e:  # a bug or a runtime failure: with many processes, tell the others (no hang)
+        common.fail_unexpected(e)
+        raise
     common.done()
     if summary["preempted"]:
         print(f"Preempted: saved checkpoint step {summary['checkpoint_step']} in {os.path.abspath(workdir)}/checkpoints; "

@@ -238,7 +238,7 @@ class PeerWatchdog(threading.Thread):
         self.client = distributed.global_state.client
         self.timeout = float(timeout)
         self.me, self.n = jax.process_index(), jax.process_count()
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def _key(self, kind: str, i: int) -> str:
         return f"{self.PREFIX}/{kind}/{i}"
@@ -250,14 +250,14 @@ class PeerWatchdog(threading.Thread):
             pass
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         try:
             self.client.key_value_set(self._key("done", self.me), "1", allow_overwrite=True)
         except Exception:
             pass
 
     def _die(self, message: str) -> None:
-        if self._stop.is_set():
+        if self._halt.is_set():
             return
         # Process 0's progress bar may hold the line (it ends in a carriage return): start a new one.
         print(f"{chr(10) if self.me == 0 else ''}error: {message}", file=sys.stderr, flush=True)
@@ -269,7 +269,7 @@ class PeerWatchdog(threading.Thread):
         start = time.monotonic()
         interval = min(1.0, self.timeout / 5)
         fix = "Relaunch the same command to resume from the last complete checkpoint."
-        while not self._stop.wait(interval):
+        while not self._halt.wait(interval):
             now = time.monotonic()
             try:
                 counter += 1
@@ -277,7 +277,7 @@ class PeerWatchdog(threading.Thread):
                 # One listing a round: {"alive/j": counter, "failed/j": message, "done/j": "1"}.
                 entries = {k[len(self.PREFIX) + 1:]: v for k, v in self.client.key_value_dir_get(self.PREFIX + "/")}
             except Exception as e:  # the coordinator (process 0) is gone
-                if not self._stop.is_set() and now - start > 2 * interval:
+                if not self._halt.is_set() and now - start > 2 * interval:
                     self._die(f"lost contact with the coordinator, process 0 of {self.n} ({type(e).__name__}); "
                               f"this process ({self.me}) stops too. {fix}")
                 continue
