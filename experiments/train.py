@@ -20,9 +20,7 @@ from ml_collections import config_flags
 from experiments import common
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(CONFIG_DIR, "ddpm_digits.py"), "Experiment config file.", lock_config=True
-)
+_CONFIG = common.define_config(os.path.join(CONFIG_DIR, "ddpm_digits.py"))
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, samples). "
                                "Default: runs/<config file name>.")
 
@@ -30,6 +28,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, met
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    config = common.config_value(_CONFIG)
     common.start_jax()  # before anything touches the JAX backend
     from jaxdiff.train.checkpoint import CheckpointError
     from jaxdiff.train.loop import TrainingDivergedError, train
@@ -40,7 +39,7 @@ def main(argv):
     name = os.path.splitext(os.path.basename(config_file.split(":")[0]))[0]
     workdir = _WORKDIR.value or os.path.join("runs", name)
     try:
-        summary = train(_CONFIG.value, workdir)
+        summary = train(config, workdir)
     except (TrainingDivergedError, CheckpointError, DatasetNotPreparedError, VAENotReadyError, PermissionError,
             ValueError) as e:
         return common.fail(str(e))
@@ -59,4 +58,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=common.parse_flags)

@@ -255,3 +255,20 @@ def test_bad_inputs_give_clear_errors(data_dir, tmp_path):
 
     with pytest.raises(CheckpointError, match="different model config"):
         train(tiny_config(**{"model.ch": 24}), str(tmp_path / "cfg"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config.train.no_such_key=1"], "error: --config.train.no_such_key: the config has no key 'no_such_key'"),
+    (["--config.nosection.a=1"], "error: --config.nosection.a: the config has no key 'nosection'"),
+    (["--config=no_such_config.py"], "error: --config: could not load the config file ([Errno 2] No such file"),
+    (["--config=experiments/configs/__init__.py"], "error: --config: could not load the config file (AttributeError"),
+    (["--config.train.batch_size=abc"], "error: flag --config.train.batch_size=abc: invalid literal for int()"),
+    (["--no_such_flag=1"], "error: Unknown command line flag 'no_such_flag'"),
+])
+def test_command_line_mistakes_give_one_line_and_touch_nothing(data_dir, tmp_path, args, message):
+    workdir = tmp_path / "w"
+    out = run_cli(["-m", "experiments.train", f"--workdir={workdir}", *args], data_dir, timeout=120)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), out.stderr[-2000:]
+    assert not workdir.exists()
