@@ -37,11 +37,11 @@ def _timed_pair(forward, sampler, repeats, num_steps):
 
 def main(argv):
     logging.set_verbosity(logging.WARNING)
-    from jaxdiff import parallel, pipelines, sampling, xla
+    from jaxdiff import parallel, runs, sampling, xla
 
     parallel.initialize_distributed()  # before anything touches the backend (no-op on one host)
 
-    run = pipelines.load_run(_WORKDIR.value)
+    run = runs.load_run(_WORKDIR.value)
     model, params, B = run.model, run.params, _BATCH.value
     x = jax.random.normal(jax.random.key(0), (B, *model.image_shape), jnp.float32)
     labels = jnp.arange(B, dtype=jnp.int32) % model.num_classes if model.conditional else None

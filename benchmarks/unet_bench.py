@@ -248,7 +248,7 @@ class _Jax:
         import jax.numpy as jnp
 
         from jaxdiff.nn import UNet
-        from jaxdiff.pipelines import DiffusionModel
+        from jaxdiff.models import DiffusionModel
         from jaxdiff.schedules import make_schedule
 
         self.cfg, self.precision, self.remat = cfg, precision, remat

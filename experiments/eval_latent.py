@@ -33,16 +33,16 @@ _TIMING_BATCH = flags.DEFINE_integer("timing_batch", None, "Batch size of the ti
 _JSON = flags.DEFINE_string("json", None, "Write the results as JSON here.")
 
 
-def _train_step_ms(runs, steps, batch_size=None):
+def _train_step_ms(loaded, steps, batch_size=None):
     """Median / min ms per train step of each run's config, interleaved so load hits both alike."""
     import jax
     import numpy as np
 
-    from jaxdiff import pipelines, xla
+    from jaxdiff import xla
     from jaxdiff.train import create_train_state, make_optimizer, make_train_step
 
     fns = {}
-    for name, run in runs.items():
+    for name, run in loaded.items():
         c = run.config
         opt = make_optimizer(learning_rate=c.train.lr)
         state = create_train_state(run.params, opt)
@@ -74,14 +74,15 @@ def main(argv):
     import jax
     import numpy as np
 
-    from jaxdiff import pipelines
+    from jaxdiff import generation, runs
+    from jaxdiff.train import build
     from jaxdiff.data import real_images, resize_image
     from jaxdiff.eval import evaluate_digits
     from jaxdiff.eval.psnr import digits_reconstruction_psnr
 
     out = {}
     try:
-        ae = pipelines.load_vae(_VAE.value)
+        ae = build.load_vae(_VAE.value)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -100,20 +101,20 @@ def main(argv):
           f"MAE {r['mae']:.2f}/255, scale factor {ae.scale_factor:.5f}, latents {tuple(ae.vae.latent_shape)}; "
           f"encoding the {len(train_images)} training images once: {out['vae']['encode_seconds']:.2f} s", flush=True)
 
-    runs = {}
+    loaded = {}
     for name, wd in (("latent", _LDM.value), ("pixel", _PIXEL.value)):
         if not wd:
             continue
-        run = pipelines.load_run(wd)
-        runs[name] = run
+        run = runs.load_run(wd)
+        loaded[name] = run
         t0 = time.perf_counter()
-        images, labels = pipelines.generate(run.model, run.params, run.schedule, run.config, num=_NUM.value,
+        images, labels = generation.generate(run.model, run.params, run.schedule, run.config, num=_NUM.value,
                                             key=jax.random.key(_SEED.value))
         seconds = time.perf_counter() - t0
         small = np.stack([resize_image(im, 8) for im in images])
         m32 = evaluate_digits(images, labels, data_dir=data_dir)
         m8 = evaluate_digits(small, labels, data_dir=data_dir)
-        s = pipelines.sampler_settings(run.config)
+        s = generation.sampler_settings(run.config)
         out[name] = {"workdir": wd, "step": run.step, "batch_size": run.config.train.batch_size,
                      "train_steps": run.config.train.num_steps, "sampler": f"{s['method']}:{s['num_steps']}",
                      "sample_seconds": seconds, "eval_32px": m32, "eval_8px": m8}
@@ -121,8 +122,8 @@ def main(argv):
               f"steps): 32px accuracy {m32['accuracy']:.3f} frechet {m32['frechet']:.2f} (real {m32['frechet_real_vs_real']:.2f}); "
               f"8px accuracy {m8['accuracy']:.3f} frechet {m8['frechet']:.2f} (real {m8['frechet_real_vs_real']:.2f}); "
               f"sampling {seconds:.1f} s", flush=True)
-    if runs and _TIMING_STEPS.value > 0:
-        out["train_step"] = _train_step_ms(runs, _TIMING_STEPS.value, _TIMING_BATCH.value)
+    if loaded and _TIMING_STEPS.value > 0:
+        out["train_step"] = _train_step_ms(loaded, _TIMING_STEPS.value, _TIMING_BATCH.value)
         for name, t in out["train_step"].items():
             print(f"train step {name:>6}: input {tuple(t['input_shape'])} batch {t['batch_size']}: "
                   f"{t['ms_median']:.1f} ms median ({t['ms_min']:.1f} min) over {t['steps']} steps", flush=True)

@@ -30,10 +30,10 @@ def main(argv):
     common.start_jax()  # before anything touches the JAX backend
     import jax
 
-    from jaxdiff import pipelines
+    from jaxdiff import generation, runs
     from jaxdiff.eval import evaluate_digits
 
-    run = pipelines.load_run(_WORKDIR.value)
+    run = runs.load_run(_WORKDIR.value)
     if run.config.data.name != "digits":
         print("error: this evaluation needs a model trained on the embedded digits.", file=sys.stderr)
         return 2
@@ -41,7 +41,7 @@ def main(argv):
     for entry in _SAMPLERS.value:
         method, _, steps = entry.partition(":")
         t0 = time.perf_counter()
-        images, labels = pipelines.generate(
+        images, labels = generation.generate(
             run.model, run.params, run.schedule, run.config, num=_NUM.value, key=jax.random.key(_SEED.value),
             batch_size=_BATCH.value, method=method, num_steps=int(steps) if steps else None, guidance=_GUIDANCE.value,
         )

@@ -44,7 +44,7 @@ def evaluate(run, guidance_scales, *, templates=2, seed=0, batch_size=189, **sam
     import jax
     import numpy as np
 
-    from jaxdiff import pipelines
+    from jaxdiff import generation
     from jaxdiff.data import shapes
     from jaxdiff.eval.shapes import adherence
 
@@ -57,7 +57,7 @@ def evaluate(run, guidance_scales, *, templates=2, seed=0, batch_size=189, **sam
     all_images, results = [], {}
     for g in guidance_scales:
         t0 = time.perf_counter()
-        images = pipelines.generate_text(run.model, run.params, run.schedule, run.config, prompts=prompts,
+        images = generation.generate_text(run.model, run.params, run.schedule, run.config, prompts=prompts,
                                          key=jax.random.key(seed), batch_size=batch_size, guidance=float(g), **sampler)
         r = adherence(images, labels[:, 0], labels[:, 1], labels[:, 2])
         if held is not None:
@@ -83,7 +83,9 @@ def main(argv):
     common.start_jax()  # before anything touches the JAX backend
     import numpy as np
 
-    from jaxdiff import parallel, pipelines
+    from jaxdiff import generation, parallel
+    from jaxdiff import images as imgs
+    from jaxdiff import runs
     from jaxdiff.train.checkpoint import CheckpointError
 
     try:
@@ -92,7 +94,7 @@ def main(argv):
         print(f"error: --guidance must be numbers, got {FLAGS.guidance}", file=sys.stderr)
         return 2
     try:
-        run = pipelines.load_run(FLAGS.workdir)
+        run = runs.load_run(FLAGS.workdir)
     except (FileNotFoundError, CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -106,7 +108,7 @@ def main(argv):
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    s = pipelines.sampler_settings(run.config, method=FLAGS.sampler, num_steps=FLAGS.steps)
+    s = generation.sampler_settings(run.config, method=FLAGS.sampler, num_steps=FLAGS.steps)
     out = FLAGS.out or os.path.join(FLAGS.workdir, "eval_t2i")
     first = results[guidance[0]]
     print(f"\n{FLAGS.workdir} step {run.step}, {s['method']} {s['num_steps']} steps, {len(prompts)} prompts")
@@ -128,7 +130,7 @@ def main(argv):
     cols = np.linspace(0, len(prompts) // FLAGS.templates - 1, min(FLAGS.grid_prompts, len(prompts))).round().astype(int)
     grid = images[:, cols].reshape(-1, *images.shape[2:])
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    pipelines.save_png(out + ".png", pipelines.make_grid(grid, ncol=len(cols)), scale=2)
+    imgs.save_png(out + ".png", imgs.make_grid(grid, ncol=len(cols)), scale=2)
     np.savez(out + ".npz", images=images, prompts=np.asarray(prompts, dtype=str), guidance=np.asarray(guidance))
     with open(out + ".json", "w") as f:
         json.dump({"workdir": os.path.abspath(FLAGS.workdir), "step": run.step, "sampler": s,

@@ -17,7 +17,6 @@ class-conditional model, ``prompts`` for a text-to-image one). Without --labels 
 cycles through the classes.
 """
 import os
-import sys
 import time
 
 from absl import app, flags
@@ -46,21 +45,23 @@ def main(argv):
     common.start_jax()  # before anything touches the JAX backend
     import jax
 
-    from jaxdiff import parallel, pipelines
+    from jaxdiff import generation, parallel
+    from jaxdiff import images as imgs
+    from jaxdiff import runs
     from jaxdiff.train.checkpoint import CheckpointError
 
     try:
-        run = pipelines.load_run(_WORKDIR.value, _STEP.value)
+        run = runs.load_run(_WORKDIR.value, _STEP.value)
     except (FileNotFoundError, CheckpointError, ValueError) as e:  # missing run / VAE run, a VAE run given
         return common.fail(f"{e}", 2)
     sampler = dict(method=_SAMPLER.value, num_steps=_STEPS.value, eta=_ETA.value, guidance=_GUIDANCE.value)
     if run.model.text_conditional:
         if _LABELS.value:
             return common.fail("this is a text-to-image run: give --prompt, not --labels", 2)
-        prompts = pipelines.cycle_prompts(_PROMPT.value or list(run.config.sample.prompts), _NUM.value)
+        prompts = generation.cycle_prompts(_PROMPT.value or list(run.config.sample.prompts), _NUM.value)
         t0 = time.perf_counter()
         try:
-            images = pipelines.generate_text(run.model, run.params, run.schedule, run.config, prompts=prompts,
+            images = generation.generate_text(run.model, run.params, run.schedule, run.config, prompts=prompts,
                                              key=jax.random.key(_SEED.value), batch_size=_BATCH.value, **sampler)
         except ValueError as e:
             return common.fail(f"{e}", 2)
@@ -68,8 +69,8 @@ def main(argv):
         common.done()
         if not parallel.is_writer():  # every process sampled its share; process 0 writes
             return 0
-        pipelines.save_samples(_OUT.value, images, ncol=ncol, prompts=prompts)
-        s = pipelines.sampler_settings(run.config, **sampler)
+        imgs.save_samples(_OUT.value, images, ncol=ncol, prompts=prompts)
+        s = generation.sampler_settings(run.config, **sampler)
         print(f"Wrote {os.path.abspath(_OUT.value)}.png and .npz: {images.shape[0]} images {images.shape[1:]} "
               f"(one column per prompt) from step {run.step}, {s['method']} {s['num_steps']} steps, guidance "
               f"{s['guidance']}, {time.perf_counter() - t0:.1f} s")
@@ -87,7 +88,7 @@ def main(argv):
             labels = labels * _NUM.value
     t0 = time.perf_counter()
     try:
-        images, labels = pipelines.generate(
+        images, labels = generation.generate(
             run.model, run.params, run.schedule, run.config, num=_NUM.value, key=jax.random.key(_SEED.value),
             labels=labels, batch_size=_BATCH.value, method=_SAMPLER.value, num_steps=_STEPS.value,
             eta=_ETA.value, guidance=_GUIDANCE.value,
@@ -97,8 +98,8 @@ def main(argv):
     common.done()
     if not parallel.is_writer():  # every process sampled its share; process 0 writes
         return 0
-    pipelines.save_samples(_OUT.value, images, labels)
-    s = pipelines.sampler_settings(run.config, method=_SAMPLER.value, num_steps=_STEPS.value,
+    imgs.save_samples(_OUT.value, images, labels)
+    s = generation.sampler_settings(run.config, method=_SAMPLER.value, num_steps=_STEPS.value,
                                    eta=_ETA.value, guidance=_GUIDANCE.value)
     print(f"Wrote {os.path.abspath(_OUT.value)}.png and .npz: {images.shape[0]} images {images.shape[1:]} from "
           f"step {run.step}, {s['method']} {s['num_steps']} steps, guidance {s['guidance']}, "

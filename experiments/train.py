@@ -12,7 +12,6 @@ JAX_NUM_PROCESSES / JAX_PROCESS_ID (or under SLURM / on a TPU pod), or try it lo
 SIGTERM saves a checkpoint and exits 0; re-running resumes.
 """
 import os
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -33,7 +32,7 @@ def main(argv):
     from jaxdiff.train.checkpoint import CheckpointError
     from jaxdiff.train.loop import TrainingDivergedError, train
     from jaxdiff.data import DatasetNotPreparedError
-    from jaxdiff.pipelines import VAENotReadyError
+    from jaxdiff.train.build import VAENotReadyError
 
     config_file = config_flags.get_config_filename(flags.FLAGS["config"])
     name = os.path.splitext(os.path.basename(config_file.split(":")[0]))[0]

@@ -85,7 +85,7 @@ def run_txt2img(model: Union[str, Any], prompt: Union[str, Sequence[str]], *, nu
     if out is not None:
         from PIL import Image
 
-        from jaxdiff.pipelines import make_grid
+        from jaxdiff.images import make_grid
 
         path = out[:-4] if out.endswith((".png", ".npz")) else out
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -7,7 +7,7 @@ INDIVIDUAL_CONVOLUTION,REDUCE``). For a diffusion U-Net's 3x3 convolutions that 
 BENCHMARKS.md, jaxlib's default -> these options, interleaved in one run: the small U-Net's
 train step at batch 4 139.8 -> 113.9 ms, its forward 47.1 -> 28.1 ms; at batch 16 678.9 -> 390.1
 ms and 181.6 -> 112.0 ms; the cross-attention U-Net's train step 277.5 -> 263.7 ms). So jaxdiff's own ``jax.jit`` calls (the train loop's step, the samplers' loop, the
-pipelines' encode/decode, the evaluation networks, the Stable Diffusion pipeline) compile with
+the VAE's encode/decode, the evaluation networks, the Stable Diffusion pipeline) compile with
 the YNNPACK fusions off on the CPU::
 
     >>> jaxdiff.xla.compiler_options("cpu")

@@ -16,7 +16,9 @@ import pytest
 
 from _testutil import assert_trees_equal, leaves, override
 from experiments.configs import ldm_digits, vae_digits
-from jaxdiff import parallel, pipelines
+from jaxdiff import generation, parallel, runs
+from jaxdiff.data.latent import LatentDataset
+from jaxdiff.train import build
 from jaxdiff.eval.psnr import psnr
 from jaxdiff.nn.vae import DiagonalGaussian
 from jaxdiff.train import Checkpointer, CheckpointError
@@ -124,7 +126,7 @@ def test_losses_match_float64_numpy():
 
 def test_vae_step_matches_numpy_and_decreases_loss_on_fixed_batch(data_dir):
     c = vae_config()  # the config of the shared runs below: the same programs
-    ds = pipelines.make_dataset(c)
+    ds = build.make_dataset(c)
     mesh = parallel.make_mesh(1)
     t = build_vae_training(c, ds.image_shape, mesh)  # the loop's own jitted steps
     assert t.vae.latent_shape == (4, 4, 4) and t.step_for(1) is t.plain_step and t.step_for(2) is t.gan_step
@@ -182,10 +184,10 @@ def test_vae_run_disc_start_resume_and_scale_factor(vae_runs):
     # The latent scale factor: stored with every checkpoint, reloaded with the VAE, and equal to
     # 1 / std of posterior samples of the EMA autoencoder over the training split.
     assert meta2["latent"]["scale_factor"] != meta4["latent"]["scale_factor"]
-    ae = pipelines.load_vae(str(tmp_path / "a"))
+    ae = build.load_vae(str(tmp_path / "a"))
     assert ae.step == 4 and ae.scale_factor == meta4["latent"]["scale_factor"]
     assert_trees_equal(ae.params, a["state"].ema_params)
-    ds = pipelines.make_dataset(c)
+    ds = build.make_dataset(c)
     images, _ = ds.examples(np.arange(ds.num_examples))
     mean, std = ae.vae.encode_images(ae.params, images)
     z = mean.astype(np.float64) + std * np.random.default_rng(c.seed).standard_normal(mean.shape)
@@ -200,12 +202,12 @@ def vae_run(vae_runs):
 
 
 def test_latent_diffusion_end_to_end(vae_run, tmp_path):
-    ae = pipelines.load_vae(str(vae_run))
+    ae = build.load_vae(str(vae_run))
     out = train(ldm_config(vae_run), str(tmp_path / "ldm"))
     assert out["step"] == 3 and np.isfinite(out["loss"])
     # The cached data are the scaled posterior of each training image.
-    ds = pipelines.make_dataset(ldm_config(vae_run))
-    assert isinstance(ds, pipelines.LatentDataset) and ds.image_shape == (4, 4, 4)
+    ds = build.make_dataset(ldm_config(vae_run))
+    assert isinstance(ds, LatentDataset) and ds.image_shape == (4, 4, 4)
     pixels, _ = ds.images.examples(ds.images.indices(5))
     mean, std = ae.vae.encode_images(ae.params, pixels)
     eps = np.random.Generator(np.random.PCG64([0, 5, 2])).standard_normal(mean.shape, np.float32)
@@ -214,9 +216,9 @@ def test_latent_diffusion_end_to_end(vae_run, tmp_path):
     meta = Checkpointer(str(tmp_path / "ldm"), read_only=True).restore_meta()
     assert meta["vae"]["workdir"] == str(vae_run) and meta["vae"]["step"] == 4
     assert meta["vae"]["scale_factor"] == ae.scale_factor
-    run = pipelines.load_run(str(tmp_path / "ldm"))
+    run = runs.load_run(str(tmp_path / "ldm"))
     assert run.model.image_shape == (4, 4, 4) and run.model.output_shape == (8, 8, 1)
-    images, labels = pipelines.generate(run.model, run.params, run.schedule, run.config, num=4,
+    images, labels = generation.generate(run.model, run.params, run.schedule, run.config, num=4,
                                         key=jax.random.key(0), method="ddim", num_steps=2)
     assert images.shape == (4, 8, 8, 1) and images.dtype == np.uint8
     np.testing.assert_array_equal(labels, [0, 1, 2, 3])
@@ -229,18 +231,18 @@ def test_latent_diffusion_end_to_end(vae_run, tmp_path):
 
 def test_missing_or_wrong_vae_run_gives_clear_error(vae_run, data_dir, tmp_path):
     missing = tmp_path / "no_vae_here"
-    with pytest.raises(pipelines.VAENotReadyError) as e:
+    with pytest.raises(build.VAENotReadyError) as e:
         train(ldm_config(missing), str(tmp_path / "ldm"))
     msg = str(e.value)
     assert str(missing) in msg and "python -m experiments.train --config=experiments/configs/vae_digits.py" in msg
     assert not (tmp_path / "ldm" / "checkpoints").exists()
     (missing / "checkpoints").mkdir(parents=True)
-    with pytest.raises(pipelines.VAENotReadyError, match="no checkpoint yet"):
+    with pytest.raises(build.VAENotReadyError, match="no checkpoint yet"):
         train(ldm_config(missing), str(tmp_path / "ldm"))
-    with pytest.raises(pipelines.VAENotReadyError, match="no checkpoint at step 7"):
+    with pytest.raises(build.VAENotReadyError, match="no checkpoint at step 7"):
         train(ldm_config(vae_run, **{"vae.step": 7}), str(tmp_path / "ldm"))
     with pytest.raises(ValueError, match="VAE .* was trained on"):
         train(ldm_config(vae_run, **{"data.image_size": 16}), str(tmp_path / "ldm"))
     # A VAE run is no diffusion model to sample from.
     with pytest.raises(ValueError, match="is a VAE"):
-        pipelines.load_run(str(vae_run))
+        runs.load_run(str(vae_run))

@@ -28,7 +28,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxdiff import parallel, pipelines
+from jaxdiff import parallel
+from jaxdiff.train import build
 from jaxdiff.train import loop
 from jaxdiff.train.checkpoint import Checkpointer
 from jaxdiff.train.step import create_train_state
@@ -117,7 +118,7 @@ def state_of(workdir, step=None):
     try:
         meta = ck.restore_meta(step)
         config = ml_collections.ConfigDict(meta["config"])
-        model = pipelines.build_model(config, meta["model"]["image_shape"], meta["model"]["num_classes"])
+        model = build.build_model(config, meta["model"]["image_shape"], meta["model"]["num_classes"])
         abstract = jax.eval_shape(lambda: create_train_state(model.init_params(jax.random.key(0)),
                                                              loop._make_optimizer(config.train)))
         one = jax.sharding.SingleDeviceSharding(jax.devices()[0])

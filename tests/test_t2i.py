@@ -13,7 +13,10 @@ import pytest
 
 from _testutil import override
 from experiments.configs import t2i_shapes
-from jaxdiff import pipelines
+from jaxdiff import generation, runs
+from jaxdiff.data.captions import TokenizedCaptions
+from jaxdiff.data.latent import LatentDataset
+from jaxdiff.train import build
 from jaxdiff.data import ImageDataset, shapes
 from jaxdiff.eval.shapes import adherence_to_captions
 from jaxdiff.train.loop import train
@@ -52,7 +55,7 @@ def tiny_config():
 
 @pytest.fixture(scope="module")
 def model():
-    return pipelines.build_model(tiny_config(), (8, 8, 3), None)
+    return build.build_model(tiny_config(), (8, 8, 3), None)
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +137,7 @@ def test_caption_dropout_uses_the_empty_caption(model, apply, params):
 
 def test_tokenized_batches_match_their_captions(data_dir, model):
     ds = ImageDataset("shapes", "train", batch_size=8, image_size=8, seed=0)
-    wrapped = pipelines.TokenizedCaptions(ds, model)
+    wrapped = TokenizedCaptions(ds, model)
     assert wrapped.image_shape == ds.image_shape and wrapped.num_examples == ds.num_examples
     raw, batch = ds.batch(5), wrapped.batch(5)
     assert set(batch) == {"image", "input_ids", "attention_mask"}
@@ -145,7 +148,7 @@ def test_tokenized_batches_match_their_captions(data_dir, model):
     it = wrapped.iterate(5)
     np.testing.assert_array_equal(next(it)["input_ids"], ids)
     with pytest.raises(ValueError, match="needs captions"):
-        pipelines.TokenizedCaptions(ImageDataset("shapes", "train", batch_size=8, image_size=8, drop_labels=True), model)
+        TokenizedCaptions(ImageDataset("shapes", "train", batch_size=8, image_size=8, drop_labels=True), model)
 
 
 def test_latent_batches_carry_the_captions(data_dir):
@@ -161,7 +164,7 @@ def test_latent_batches_carry_the_captions(data_dir):
             m = pixels.reshape(len(pixels), -1, 3).astype(np.float32).mean(1)[:, None, None, :]
             return m, np.zeros_like(m)
 
-    latents = pipelines.LatentDataset(images, MeanEncoder(), sample_posterior=False)
+    latents = LatentDataset(images, MeanEncoder(), sample_posterior=False)
     b, raw = latents.batch(3), images.batch(3)
     np.testing.assert_array_equal(b["caption"], raw["caption"])
     np.testing.assert_allclose(b["image"][:, 0, 0], ((raw["image"] + 1) * 127.5).reshape(8, -1, 3).mean(1), atol=1e-3)
@@ -170,7 +173,7 @@ def test_latent_batches_carry_the_captions(data_dir):
     encoder = MeanEncoder()
     encoded = []
     encoder.encode = lambda pixels: (encoded.append(len(pixels)), MeanEncoder.encode(encoder, pixels))[1]
-    part = pipelines.LatentDataset(images, encoder, sample_posterior=False).batch(3, rows=rows)
+    part = LatentDataset(images, encoder, sample_posterior=False).batch(3, rows=rows)
     np.testing.assert_array_equal(part["caption"], b["caption"][rows])
     np.testing.assert_array_equal(part["image"], b["image"][rows])
     assert encoded == [len(np.unique(images.indices(3)[rows]))]  # only this process's examples encoded
@@ -180,7 +183,7 @@ def test_tiny_run_trains_and_samples_by_prompt(data_dir, tiny_run):
     """(Resume is the shared loop's, tested in test_train; text batches are pure in the step, above.)"""
     workdir, summary = tiny_run
     assert summary["step"] == 4 and np.isfinite(summary["loss"])
-    run = pipelines.load_run(workdir)
+    run = runs.load_run(workdir)
     assert run.model.text_conditional and set(run.params) == {"text_encoder", "unet"}
     assert run.config.text.words == shapes.vocabulary()  # the tokenizer travels with the checkpoint
 
@@ -188,7 +191,7 @@ def test_tiny_run_trains_and_samples_by_prompt(data_dir, tiny_run):
     key = jax.random.key(7)
 
     def gen(prompts, guidance):  # batches of 2: one compiled sampler per guidance mode
-        return pipelines.generate_text(run.model, run.params, run.schedule, run.config, prompts=prompts, key=key,
+        return generation.generate_text(run.model, run.params, run.schedule, run.config, prompts=prompts, key=key,
                                        guidance=guidance, batch_size=2)
 
     a, b, c = gen(prompts, 3.0), gen(prompts, 3.0), gen(prompts, 1.0)
@@ -198,10 +201,10 @@ def test_tiny_run_trains_and_samples_by_prompt(data_dir, tiny_run):
     # Batch i uses fold_in(key, i): the first batch equals a 2-prompt call.
     np.testing.assert_array_equal(gen(prompts[:2], 3.0), a[:2])
     with pytest.raises(ValueError, match="batch_size must be a positive int"):
-        pipelines.generate_text(run.model, run.params, run.schedule, run.config, prompts=prompts, key=key,
+        generation.generate_text(run.model, run.params, run.schedule, run.config, prompts=prompts, key=key,
                                 guidance=3.0, batch_size=0)
     with pytest.raises(ValueError, match="text-conditioned"):
-        pipelines.generate(run.model, run.params, run.schedule, run.config, num=2, key=key)
+        generation.generate(run.model, run.params, run.schedule, run.config, num=2, key=key)
 
 
 def _sample_cli(*args):
@@ -240,7 +243,7 @@ def test_adherence_eval_on_untrained_model_is_near_chance(data_dir, tiny_run):
     """The eval script's figures are computed from the images: a 4-step model adheres at chance."""
     from experiments.eval_t2i import evaluate
 
-    run = pipelines.load_run(tiny_run[0])
+    run = runs.load_run(tiny_run[0])
     prompts, images, results = evaluate(run, [1.0, 5.0], templates=1, batch_size=2)
     assert images.shape == (2, 189, 8, 8, 3) and len(prompts) == 189
     for g, r in results.items():

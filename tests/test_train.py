@@ -67,10 +67,10 @@ def test_same_seed_bit_identical_and_resume(data_dir, tmp_path):
     assert_trees_equal(a["state"].params, b["state"].params)
     assert_trees_equal(a["state"].ema_params, b["state"].ema_params)
     # Training moved the params away from their initial values (the equality above means something).
-    from jaxdiff import pipelines
+    from jaxdiff.train import build
 
     c = tiny_config()
-    init = jax.jit(pipelines.build_model(c, (8, 8, 1), 10).init_params)(jax.random.key(c.seed))
+    init = jax.jit(build.build_model(c, (8, 8, 1), 10).init_params)(jax.random.key(c.seed))
     assert all(not np.array_equal(x, y) for x, y in zip(leaves(init), leaves(a["state"].params)) if x.size > 1)
     # Stopped at step 3, then the same config resumed to 6: identical to the uninterrupted run.
     train(tiny_config(**{"train.num_steps": 3}), str(tmp_path / "r"))
@@ -111,10 +111,10 @@ def test_sigkill_then_rerun_resumes_to_identical_params(data_dir, tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "Resuming from checkpoint step" in again.stdout
     cfg = tiny_config(**{"train.num_steps": 9})
-    from jaxdiff import pipelines
+    from jaxdiff import runs
 
-    run_ref = pipelines.load_run(str(tmp_path / "ref"))
-    run_res = pipelines.load_run(str(killed_dir))
+    run_ref = runs.load_run(str(tmp_path / "ref"))
+    run_res = runs.load_run(str(killed_dir))
     assert run_ref.step == run_res.step == 9
     assert_trees_equal(run_ref.params, run_res.params)
 
@@ -127,15 +127,16 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent(
     import jax, numpy as np
     assert jax.device_count() == 8
     from test_train import tiny_config
-    from jaxdiff import parallel, pipelines
+    from jaxdiff import parallel, runs
+    from jaxdiff.train import build
     from jaxdiff.data import ImageDataset
     from jaxdiff.train import Checkpointer, TrainState, create_train_state, make_optimizer, make_train_step
     from jaxdiff.train.loop import train
 
     c = tiny_config()
-    model = pipelines.build_model(c, (8, 8, 1), 10)
+    model = build.build_model(c, (8, 8, 1), 10)
     opt = make_optimizer(learning_rate=c.train.lr, warmup_steps=c.train.warmup_steps)
-    step_fn = make_train_step(model.train_apply_fn(0.1), opt, pipelines.build_schedule(c), ema_decay=0.9)
+    step_fn = make_train_step(model.train_apply_fn(0.1), opt, build.build_schedule(c), ema_decay=0.9)
     ds = ImageDataset("digits", "train", batch_size=16, image_size=8)
 
     def run(n, fsdp=False):  # fsdp: all n devices on the mesh's fsdp axis
@@ -206,9 +207,10 @@ def test_eight_devices_match_one_device(data_dir, tmp_path):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
     # Corrupt data: from step 4 on the batches hold NaNs, so the loss of step 4 is NaN.
-    from jaxdiff import pipelines
+    from jaxdiff import runs
+    from jaxdiff.train import build
 
-    real_make_dataset = pipelines.make_dataset
+    real_make_dataset = build.make_dataset
 
     def corrupt_dataset(config, split="train", **kwargs):
         ds = real_make_dataset(config, split, **kwargs)
@@ -223,7 +225,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monke
         ds.iterate = iterate
         return ds
 
-    monkeypatch.setattr(pipelines, "make_dataset", corrupt_dataset)
+    monkeypatch.setattr(build, "make_dataset", corrupt_dataset)
     cfg = tiny_config(**{"train.num_steps": 8})
     with pytest.raises(TrainingDivergedError, match=r"nan .*at step 4;") as e:
         train(cfg, str(tmp_path / "nan"))
@@ -231,7 +233,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monke
     ck = Checkpointer(str(tmp_path / "nan"), read_only=True)
     assert ck.all_steps() == [3]
     ck.close()
-    run = pipelines.load_run(str(tmp_path / "nan"))
+    run = runs.load_run(str(tmp_path / "nan"))
     assert all(np.all(np.isfinite(x)) for x in leaves(run.params))
 
 

@@ -110,6 +110,22 @@ class Checkpointer:
         out = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(out.meta)
 
+    def restore_subtree(self, step: int, name: str, target: Any) -> Any:
+        """Only ``state[name]`` (e.g. ``"ema_params"``) of checkpoint ``step``, into the structure,
+        dtypes and shardings of ``target`` (``jax.ShapeDtypeStruct`` leaves); the rest of the state
+        (optimizer moments, ...) is never read."""
+        restored = self._manager.restore(
+            int(step),
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item={name: target},
+                    restore_args=jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), {name: target}),
+                    partial_restore=True,
+                )
+            ),
+        )
+        return restored.state[name]
+
     def set_aside(self, step: int) -> str:
         """Move checkpoint ``step`` (unreadable) out of the way, to ``WORKDIR/checkpoints.corrupt/<step>``:
         kept for inspection, never deleted, and no longer found by resume. Process 0 moves it; every

@@ -13,7 +13,6 @@ uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import socket
@@ -26,7 +25,11 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from jaxdiff import parallel, pipelines, xla
+from jaxdiff import generation, models, parallel, xla
+from jaxdiff import images as imgs
+from jaxdiff.data.captions import TokenizedCaptions
+from jaxdiff.data.latent import LatentDataset
+from jaxdiff.train import build
 from jaxdiff.train.checkpoint import Checkpointer, CheckpointError
 from jaxdiff.train.metrics import MetricWriter
 from jaxdiff.train.step import TrainState, create_train_state, make_optimizer, make_train_step
@@ -85,7 +88,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int |
     Raises :class:`TrainingDivergedError` on a NaN/Inf loss, :class:`CheckpointError` when a
     checkpoint cannot be written (earlier ones stay intact), ``PermissionError`` for an unwritable
     workdir, ``ValueError`` for a bad config or batch size, and
-    :class:`jaxdiff.pipelines.VAENotReadyError` when a latent config's VAE run does not exist.
+    :class:`jaxdiff.train.build.VAENotReadyError` when a latent config's VAE run does not exist.
     """
     task = config.get("task", "diffusion")
     if task not in ("diffusion", "vae"):
@@ -170,7 +173,7 @@ def _set_aside(ckpt: Checkpointer, step: int, error: BaseException) -> None:
 def _train_diffusion(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
     tc = config.train
     vae_step = None
-    if pipelines.is_latent(config):
+    if build.is_latent(config):
         # Resume with the VAE checkpoint this run was started with, even if the VAE run moved on.
         saved = _peek_meta(workdir)
         if saved is not None and saved.get("vae"):
@@ -180,14 +183,14 @@ def _train_diffusion(config: ml_collections.ConfigDict, workdir: str, mesh) -> d
                     f"The checkpoint in {workdir} was trained on latents of the VAE run {saved['vae']['workdir']}, "
                     f"not {want}. Use a new --workdir, or the old vae.workdir.")
             vae_step = int(saved["vae"]["step"])
-    dataset = pipelines.make_dataset(config, split="train", vae_step=vae_step)
-    if isinstance(dataset, pipelines.LatentDataset):
+    dataset = build.make_dataset(config, split="train", vae_step=vae_step)
+    if isinstance(dataset, LatentDataset):
         print(f"Latent diffusion on {dataset}", flush=True)
-    model = pipelines.build_model(config, dataset.image_shape, dataset.num_classes,
+    model = build.build_model(config, dataset.image_shape, dataset.num_classes,
                                   getattr(dataset, "autoencoder", None))
     if model.text_conditional:  # captions -> token ids on the host (strings cannot be sharded)
-        dataset = pipelines.TokenizedCaptions(dataset, model)
-    schedule = pipelines.build_schedule(config)
+        dataset = TokenizedCaptions(dataset, model)
+    schedule = build.build_schedule(config)
     optimizer = _make_optimizer(tc)
 
     def init_state():
@@ -201,7 +204,7 @@ def _train_diffusion(config: ml_collections.ConfigDict, workdir: str, mesh) -> d
         opt_state=parallel.param_shardings(abstract.opt_state, mesh),
     )
     ckpt = Checkpointer(workdir, max_to_keep=tc.get("keep_checkpoints", 3))
-    meta = pipelines.run_metadata(config, dataset, model)
+    meta = build.run_metadata(config, dataset, model)
     state = _init_or_restore(ckpt, init_state, state_shardings, meta, keys=("model", "vae"))
     _write_config(config, workdir)
 
@@ -341,7 +344,7 @@ class VAETraining:
     """What :func:`train_vae` trains with: the models, ``init_state()``, the state shardings and the
     two jitted variants of the step (``gan_step`` is None without a discriminator)."""
 
-    vae: pipelines.VAEModel
+    vae: models.VAEModel
     disc: Any
     init_state: Callable[[], Any]
     state_shardings: Any
@@ -356,8 +359,8 @@ class VAETraining:
 
 def build_vae_training(config: ml_collections.ConfigDict, image_shape, mesh) -> VAETraining:
     tc, lc = config.train, config.loss
-    vae = pipelines.build_vae(config, image_shape)
-    disc = pipelines.build_discriminator(config)
+    vae = build.build_vae(config, image_shape)
+    disc = build.build_discriminator(config)
     dc = config.get("disc") or ml_collections.ConfigDict()
     optimizer = _make_optimizer(tc)
     disc_optimizer = None
@@ -397,11 +400,11 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
     from jaxdiff.eval.psnr import psnr as psnr_fn
 
     tc = config.train
-    dataset = pipelines.make_dataset(config, split="train")
+    dataset = build.make_dataset(config, split="train")
     t = build_vae_training(config, dataset.image_shape, mesh)
     vae = t.vae
     ckpt = Checkpointer(workdir, max_to_keep=tc.get("keep_checkpoints", 3))
-    meta = pipelines.vae_run_metadata(config, dataset, vae, t.disc)
+    meta = build.vae_run_metadata(config, dataset, vae, t.disc)
     state = _init_or_restore(ckpt, t.init_state, t.state_shardings, meta)
     _write_config(config, workdir)
     step_for = t.step_for
@@ -409,7 +412,7 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
     # Latent statistics over the whole training split, and test-split PSNR, at every checkpoint.
     train_images, _ = dataset.examples(np.arange(dataset.num_examples))
     try:
-        test_ds = pipelines.make_dataset(config, split="test")
+        test_ds = build.make_dataset(config, split="test")
         test_images = test_ds.examples(np.arange(test_ds.num_examples))[0]
     except ValueError:  # the dataset has no test split
         test_images = None
@@ -417,7 +420,7 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
 
     def checkpoint_meta(done, state):
         mean, std = vae.encode_images(state.ema_params, train_images)
-        latent = pipelines.latent_statistics(mean, std, seed=config.seed)
+        latent = models.latent_statistics(mean, std, seed=config.seed)
         latent.update(split="train", params="ema_params", step=done)
         ev = {}
         if test_images is not None:
@@ -443,7 +446,7 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
         rec = vae.reconstruct(state.ema_params, test_images[:k])  # every process takes part
         path = os.path.join(workdir, "reconstructions")
         if parallel.is_writer():
-            pipelines.save_samples(path, np.concatenate([test_images[:k], rec]), ncol=k)
+            imgs.save_samples(path, np.concatenate([test_images[:k], rec]), ncol=k)
         summary["samples"] = path + ".png"
     return summary
 
@@ -452,14 +455,14 @@ def _write_samples(config, model, schedule, state, workdir, name) -> str:
     sc = config.sample
     path = os.path.join(workdir, name)
     if model.text_conditional:  # one column per prompt of sample.prompts
-        prompts = pipelines.cycle_prompts(list(sc.prompts), config.train.num_samples)
-        images = pipelines.generate_text(model, state.ema_params, schedule, config, prompts=prompts,
+        prompts = generation.cycle_prompts(list(sc.prompts), config.train.num_samples)
+        images = generation.generate_text(model, state.ema_params, schedule, config, prompts=prompts,
                                          key=jax.random.key(sc.get("seed", 0)))
         if parallel.is_writer():
-            pipelines.save_samples(path, images, ncol=min(len(sc.prompts), len(prompts)), prompts=prompts)
+            imgs.save_samples(path, images, ncol=min(len(sc.prompts), len(prompts)), prompts=prompts)
             print(f"Wrote {path}.png and {path}.npz (columns: {', '.join(list(sc.prompts))})", flush=True)
         return path + ".png"
-    images, labels = pipelines.generate(
+    images, labels = generation.generate(
         model,
         state.ema_params,
         schedule,
@@ -468,6 +471,6 @@ def _write_samples(config, model, schedule, state, workdir, name) -> str:
         key=jax.random.key(sc.get("seed", 0)),
     )
     if parallel.is_writer():
-        pipelines.save_samples(path, images, labels)
+        imgs.save_samples(path, images, labels)
         print(f"Wrote {path}.png and {path}.npz", flush=True)
     return path + ".png"

@@ -1,0 +1,82 @@
+"""Batches of a frozen VAE's scaled latents of an image dataset (latent diffusion's training data)."""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+
+from jaxdiff.data.pipeline import ImageDataset, prefetched
+
+
+class LatentDataset:
+    """Batches of scaled VAE latents of an :class:`ImageDataset`, in the same (seed, step) order.
+
+    Examples are encoded (posterior mean and std, times the scale factor) when a batch first needs
+    them, by the process whose rows hold them, and kept in memory; a process never encodes the rows
+    of other processes. Batch ``step`` holds ``scale * (mean + std * eps)`` (a posterior sample, as
+    latent diffusion trains; ``sample_posterior=False``: the means), eps from
+    ``Generator(PCG64([seed, step, 2]))`` for the whole global batch: pure in (seed, step), so resume
+    is exact and the global batch is the same for any number of processes.
+
+    ``autoencoder``: a :class:`jaxdiff.models.LatentAutoencoder`, or anything with its
+    ``encode(uint8 images) -> (mean, std)``, ``vae.latent_shape``, ``workdir``, ``step`` and
+    ``scale_factor``.
+
+    Attributes as :class:`ImageDataset`: ``name``, ``split``, ``batch_size``, ``seed``,
+    ``num_examples``, ``num_classes``, ``image_shape`` (the latent shape), plus ``autoencoder``.
+    """
+
+    def __init__(self, images: ImageDataset, autoencoder: Any, *, sample_posterior: bool = True):
+        self.images, self.autoencoder, self.sample_posterior = images, autoencoder, bool(sample_posterior)
+        self.name, self.split = images.name, images.split
+        self.batch_size, self.seed, self.num_examples = images.batch_size, images.seed, images.num_examples
+        self.num_classes = images.num_classes
+        self.image_shape = tuple(autoencoder.vae.latent_shape)
+        self.annotation_keys = tuple(getattr(images, "annotation_keys", ()))
+        self._mean = np.empty((self.num_examples, *self.image_shape), np.float32)
+        self._std = np.empty_like(self._mean)
+        self._encoded = np.zeros((self.num_examples,), bool)
+
+    def __repr__(self) -> str:
+        return (f"LatentDataset({self.name!r}, {self.split!r}, batch_size={self.batch_size}, "
+                f"latent_shape={self.image_shape}, num_examples={self.num_examples}, vae={self.autoencoder.workdir!r} "
+                f"step {self.autoencoder.step}, scale_factor={self.autoencoder.scale_factor:.5g})")
+
+    def latents(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Scaled posterior ``(mean, std)`` of examples ``indices``: float32 [n, h, w, c] each,
+        encoding those not encoded yet."""
+        indices = np.asarray(indices, np.int64)
+        missing = np.unique(indices[~self._encoded[indices]])
+        if missing.size:
+            mean, std = self.autoencoder.encode(self.images.examples(missing)[0])
+            self._mean[missing], self._std[missing] = mean, std
+            self._encoded[missing] = True
+        return self._mean[indices], self._std[indices]
+
+    def batch(self, step: int, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """``{'image': float32 [B, h, w, c] scaled latents, 'label': int32 [B]}`` (no label if unconditional),
+        plus the image dataset's ``annotation_keys`` (e.g. ``caption``). ``rows``: only those rows of
+        the global batch (one process's share), as :meth:`ImageDataset.batch`."""
+        if not isinstance(step, (int, np.integer)) or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}.")
+        idx = self.images.indices(int(step))
+        if rows is not None:
+            idx = idx[np.asarray(rows)]
+        z, std = self.latents(idx)
+        if self.sample_posterior:
+            eps = np.random.Generator(np.random.PCG64([self.seed, int(step), 2])).standard_normal(
+                (self.batch_size, *self.image_shape), np.float32)
+            z = z + std * (eps if rows is None else eps[np.asarray(rows)])
+        out = {"image": z}
+        if self.num_classes is not None:
+            out["label"] = self.images.examples(idx)[1]
+        if self.annotation_keys:  # captions (str) and attribute ids, as ImageDataset
+            out.update(self.images.annotations(idx))
+        return out
+
+    def iterate(self, start_step: int = 0, prefetch: int = 0, rows: np.ndarray | None = None):
+        """Endless batches from ``start_step`` (``prefetch`` ahead on a thread; 0: none)."""
+        if not isinstance(start_step, (int, np.integer)) or start_step < 0:
+            raise ValueError(f"start_step must be a non-negative int, got {start_step!r}.")
+        return prefetched(functools.partial(self.batch, rows=rows), int(start_step), int(prefetch))

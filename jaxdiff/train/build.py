@@ -1,0 +1,269 @@
+"""Config -> parts: the dataset, model, schedule, autoencoder and discriminator an experiment config
+describes, the metadata stored with its checkpoints, and the frozen VAE a latent config names.
+
+    >>> from jaxdiff.train import build
+    >>> model = build.build_model(config, image_shape=(8, 8, 1), num_classes=10)
+    >>> dataset = build.make_dataset(config, "train")     # ImageDataset, or LatentDataset of its VAE
+
+Latent diffusion: a config with ``vae.workdir`` set trains the U-Net on ``scale_factor * z`` of a
+frozen KL autoencoder trained by ``experiments/configs/vae_*.py`` (:func:`load_vae`,
+:class:`jaxdiff.data.latent.LatentDataset`); the model then carries the autoencoder, so sampling
+returns pixels for pixel-space and latent runs alike.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+
+from jaxdiff.data import ImageDataset
+from jaxdiff.data.latent import LatentDataset
+from jaxdiff.models import DTYPES, DiffusionModel, LatentAutoencoder, TextDiffusionModel, VAEModel
+from jaxdiff.nn.discriminator import PatchDiscriminator
+from jaxdiff.nn.text import CLIPTextTransformer
+from jaxdiff.nn.unet import UNet
+from jaxdiff.nn.unet_cond import CROSS_MID, TextConditionedUNet, UNetCondition
+from jaxdiff.nn.vae import AutoencoderKL
+from jaxdiff.schedules import Schedule, make_schedule
+from jaxdiff.tokenizers import WordTokenizer
+from jaxdiff.train.checkpoint import CheckpointError, Checkpointer
+
+
+def is_latent(config: ml_collections.ConfigDict) -> bool:
+    """True for a latent diffusion config (``config.vae.workdir`` names a trained VAE run)."""
+    return config.get("task", "diffusion") != "vae" and bool(config.get("vae") and config.vae.get("workdir"))
+
+
+def make_dataset(config: ml_collections.ConfigDict, split: str = "train", *, vae_step: int | None = None):
+    """The config's :class:`ImageDataset`; for a latent config the :class:`LatentDataset` of its VAE
+    (at ``vae_step``, default ``config.vae.step`` or the VAE run's latest checkpoint)."""
+    images = _image_dataset(config, split)
+    if not is_latent(config):
+        return images
+    if vae_step is None:
+        vae_step = config.vae.get("step") or None
+    autoencoder = load_vae(config.vae.workdir, vae_step)
+    if tuple(images.image_shape) != tuple(autoencoder.vae.image_shape):
+        raise ValueError(
+            f"The data's images are {tuple(images.image_shape)} but the VAE in {autoencoder.workdir} was trained on "
+            f"{tuple(autoencoder.vae.image_shape)}: set data.image_size (and the dataset) to the VAE's.")
+    return LatentDataset(images, autoencoder, sample_posterior=config.vae.get("sample_posterior", True))
+
+
+def _image_dataset(config: ml_collections.ConfigDict, split: str) -> ImageDataset:
+    d = config.data
+    return ImageDataset(
+        d.name,
+        split,
+        batch_size=config.train.batch_size,
+        image_size=d.get("image_size") or None,
+        seed=config.seed,
+        data_dir=d.get("data_dir") or None,
+        random_flip=d.get("random_flip", False),
+        drop_labels=not d.get("conditional", False),
+        holdout=d.get("holdout") or None,
+    )
+
+
+def build_schedule(config: ml_collections.ConfigDict) -> Schedule:
+    d = config.diffusion
+    options = dict(d.get("schedule_options", {}) or {})
+    return make_schedule(d.schedule, d.num_timesteps, **options)
+
+
+def build_model(config: ml_collections.ConfigDict, image_shape, num_classes: int | None,
+                autoencoder: "LatentAutoencoder | None" = None) -> DiffusionModel:
+    m = config.model
+    if m.get("dtype", "float32") not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {list(DTYPES)}, got {m.dtype!r}.")
+    kind = m.get("type", "unet")
+    if kind == "text_unet":
+        if num_classes is not None:
+            raise ValueError("A text-conditioned model (model.type='text_unet') takes captions, not class labels: "
+                             "use a captioned dataset (data.name='shapes').")
+        return build_text_model(config, image_shape, autoencoder)
+    if kind != "unet":
+        raise ValueError(f"model.type must be 'unet' (class-conditional or unconditional) or 'text_unet', got {kind!r}.")
+    module = UNet(
+        ch=m.ch,
+        ch_mult=tuple(m.ch_mult),
+        num_res_blocks=m.num_res_blocks,
+        attn_resolutions=tuple(m.attn_resolutions),
+        dropout=m.dropout,
+        num_classes=num_classes,
+        num_groups=m.get("num_groups", 32),
+        num_heads=m.get("num_heads", 1),
+        dtype=DTYPES[m.get("dtype", "float32")],
+        remat=m.get("remat", False),
+    )
+    return DiffusionModel(module, tuple(int(s) for s in image_shape), num_classes, autoencoder)
+
+
+def build_text_model(config: ml_collections.ConfigDict, image_shape,
+                     autoencoder: "LatentAutoencoder | None" = None) -> TextDiffusionModel:
+    """The :class:`TextDiffusionModel` of a ``model.type = "text_unet"`` config.
+
+    ``config.text``: ``words`` (the tokenizer's vocabulary), ``max_length``, and the CLIP text
+    transformer's ``hidden_size``, ``intermediate_size``, ``num_layers``, ``num_heads``.
+    ``config.model``: :class:`jaxdiff.nn.UNetCondition` fields (``block_out_channels``,
+    ``layers_per_block``, ``down_block_types``, ``up_block_types``, ``mid_block_type``,
+    ``attention_head_dim`` (number of heads), ``transformer_layers_per_block``,
+    ``use_linear_projection``, ``norm_num_groups``, ``dropout``, ``dtype``, ``remat``); the
+    cross-attention width is ``text.hidden_size``."""
+    if "text" not in config:
+        raise ValueError("model.type='text_unet' needs a config.text section (words, max_length, hidden_size, ...).")
+    m, tc = config.model, config.text
+    dtype = DTYPES[m.get("dtype", "float32")]
+    tokenizer = WordTokenizer(list(tc.words), model_max_length=int(tc.max_length))
+    text = CLIPTextTransformer(
+        vocab_size=tokenizer.vocab_size, hidden_size=tc.hidden_size, intermediate_size=tc.intermediate_size,
+        num_layers=tc.num_layers, num_heads=tc.num_heads, max_position_embeddings=int(tc.max_length),
+        eos_token_id=tokenizer.eos_token_id, dtype=dtype)
+    c = int(image_shape[-1])
+    unet = UNetCondition(
+        in_channels=c, out_channels=c, block_out_channels=tuple(m.block_out_channels),
+        layers_per_block=m.layers_per_block, down_block_types=tuple(m.down_block_types),
+        up_block_types=tuple(m.up_block_types), mid_block_type=m.get("mid_block_type", CROSS_MID) or None,
+        cross_attention_dim=tc.hidden_size, attention_head_dim=m.attention_head_dim,
+        transformer_layers_per_block=m.get("transformer_layers_per_block", 1),
+        use_linear_projection=m.get("use_linear_projection", True), norm_num_groups=m.get("norm_num_groups", 32),
+        dropout=m.get("dropout", 0.0), dtype=dtype, remat=m.get("remat", False))
+    if text.hidden_size != unet.cross_attention_dim:  # cannot happen from a config; guards direct use
+        raise ValueError("text.hidden_size must equal the U-Net's cross_attention_dim.")
+    return TextDiffusionModel(TextConditionedUNet(text, unet), tuple(int(s) for s in image_shape), None, autoencoder,
+                              tokenizer=tokenizer, max_length=int(tc.max_length))
+
+
+def run_metadata(config: ml_collections.ConfigDict, dataset: ImageDataset, model: DiffusionModel) -> dict:
+    """JSON-able facts stored with every checkpoint (what sampling needs without the config file).
+
+    A latent model adds ``vae``: the VAE run's absolute ``workdir``, its checkpoint ``step`` and the
+    ``scale_factor`` the latents were multiplied by."""
+    meta = {
+        "task": "diffusion",
+        "config": json.loads(config.to_json_best_effort()),
+        # What fixes the parameter layout (compute dtype, remat and dropout may change on resume).
+        "model": json.loads(json.dumps({
+            "image_shape": list(model.image_shape),
+            "num_classes": model.num_classes,
+            "arch": {k: v for k, v in config.model.to_dict().items() if k not in ("dtype", "remat", "dropout")},
+            **({"text": config.text.to_dict()} if model.text_conditional else {}),
+        })),
+        "dataset": {"name": dataset.name, "num_examples": dataset.num_examples},
+    }
+    if model.autoencoder is not None:
+        ae = model.autoencoder
+        meta["vae"] = {"workdir": ae.workdir, "step": ae.step, "scale_factor": ae.scale_factor,
+                       "image_shape": list(ae.vae.image_shape), "latent_shape": list(ae.vae.latent_shape)}
+    return meta
+
+
+def build_vae(config: ml_collections.ConfigDict, image_shape) -> VAEModel:
+    """The :class:`VAEModel` of a VAE config (``config.model``: block_out_channels, layers_per_block,
+    latent_channels, norm_num_groups, mid_block_add_attention, dtype, remat)."""
+    m = config.model
+    if m.get("dtype", "float32") not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {list(DTYPES)}, got {m.dtype!r}.")
+    h, w, c = (int(s) for s in image_shape)
+    module = AutoencoderKL(
+        in_channels=c,
+        out_channels=c,
+        block_out_channels=tuple(m.block_out_channels),
+        layers_per_block=m.layers_per_block,
+        latent_channels=m.latent_channels,
+        norm_num_groups=m.get("norm_num_groups", 32),
+        mid_block_add_attention=m.get("mid_block_add_attention", True),
+        use_quant_conv=m.get("use_quant_conv", True),
+        use_post_quant_conv=m.get("use_post_quant_conv", True),
+        dtype=DTYPES[m.get("dtype", "float32")],
+        remat=m.get("remat", False),
+    )
+    f = module.downsample_factor
+    if h % f or w % f:
+        raise ValueError(f"The VAE downsamples by f={f} (len(block_out_channels)={len(m.block_out_channels)} levels); "
+                         f"the image size {h}x{w} must be divisible by it (set data.image_size).")
+    return VAEModel(module, (h, w, c))
+
+
+def build_discriminator(config: ml_collections.ConfigDict) -> PatchDiscriminator | None:
+    """The config's PatchGAN discriminator, or None when ``config.disc.weight`` is 0 (or absent)."""
+    d = config.get("disc")
+    if not d or not float(d.get("weight", 0.0)):
+        return None
+    return PatchDiscriminator(ndf=d.get("ndf", 64), n_layers=d.get("n_layers", 3),
+                              num_groups=d.get("num_groups", 8))
+
+
+def vae_run_metadata(config: ml_collections.ConfigDict, dataset: ImageDataset, vae: VAEModel,
+                     disc: PatchDiscriminator | None) -> dict:
+    """JSON-able facts stored with every VAE checkpoint; each checkpoint adds its ``latent`` stats."""
+    arch = {k: v for k, v in config.model.to_dict().items() if k not in ("dtype", "remat")}
+    return {
+        "task": "vae",
+        "config": json.loads(config.to_json_best_effort()),
+        "model": json.loads(json.dumps({
+            "image_shape": list(vae.image_shape),
+            "latent_shape": list(vae.latent_shape),
+            "arch": arch,
+            "disc": None if disc is None else {"ndf": disc.ndf, "n_layers": disc.n_layers, "num_groups": disc.num_groups},
+        })),
+        "dataset": {"name": dataset.name, "num_examples": dataset.num_examples},
+    }
+
+
+VAE_TRAIN_COMMAND = "python -m experiments.train --config=experiments/configs/vae_digits.py --workdir={workdir}"
+
+
+class VAENotReadyError(FileNotFoundError):
+    """The VAE run a latent diffusion config names is missing, has no checkpoint, or is no VAE run."""
+
+
+def load_vae(workdir: str, step: int | None = None) -> LatentAutoencoder:
+    """The EMA params and scale factor of a VAE run (``experiments/configs/vae_*.py``) at ``step``
+    (default: its latest checkpoint). Raises :class:`VAENotReadyError` with the command that makes it."""
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    make = VAE_TRAIN_COMMAND.format(workdir=workdir)
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise VAENotReadyError(
+            f"No trained VAE in {workdir} (no checkpoints folder): latent diffusion needs a VAE run first. "
+            f"Create it with\n    {make}\nor set --config.vae.workdir to an existing VAE run.")
+    ckpt = Checkpointer(workdir, read_only=True)
+    try:
+        steps = ckpt.all_steps()
+        if not steps:
+            raise VAENotReadyError(f"The VAE run {workdir} has no checkpoint yet. Train it (re-running resumes):\n    {make}")
+        if step is None:
+            step = max(steps)
+        elif step not in steps:
+            raise VAENotReadyError(
+                f"The VAE run {workdir} has no checkpoint at step {step} (it has {sorted(steps)}); a latent model "
+                "must use the VAE checkpoint it was trained with. Restore that checkpoint or train a new latent model.")
+        try:
+            meta = ckpt.restore_meta(step)
+        except Exception as e:
+            raise VAENotReadyError(f"Cannot read the VAE checkpoint {step} in {workdir} ({e}).") from e
+        if meta.get("task") != "vae":
+            raise VAENotReadyError(
+                f"{workdir} is not a VAE run (its checkpoints hold a {meta.get('task', 'diffusion')} model). "
+                f"Point --config.vae.workdir at a VAE run, made by\n    {make}")
+        if not (meta.get("latent") or {}).get("scale_factor"):
+            raise VAENotReadyError(f"The VAE checkpoint {step} in {workdir} has no latent scale factor; re-run\n    {make}")
+        config = ml_collections.ConfigDict(meta["config"])
+        vae = build_vae(config, meta["model"]["image_shape"])
+        abstract = jax.eval_shape(vae.init_params, jax.random.key(0))
+        # On this process's own first device: encoding and decoding are local computations.
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
+        try:
+            params = ckpt.restore_subtree(step, "ema_params", target)
+        except Exception as e:
+            raise CheckpointError(f"Could not restore the VAE params of checkpoint {step} in {workdir} ({e}).") from e
+    finally:
+        ckpt.close()
+    num_steps = int(config.train.num_steps)
+    if step < num_steps:
+        print(f"Warning: the VAE run {workdir} is at step {step} of {num_steps} (unfinished); using that checkpoint. "
+              f"Finish it with\n    {make}", flush=True)
+    return LatentAutoencoder(vae, params, float(meta["latent"]["scale_factor"]), workdir, int(step), config)
