@@ -1,10 +1,9 @@
-"""Smoke test of ``benchmarks/unet_bench.py`` on a tiny U-Net, and exactness of the fast paths
-that the benchmark work put into ``jaxdiff.nn.layers`` (dropout masks, fused GroupNorm+SiLU).
+"""Smoke test of ``benchmarks/unet_bench.py`` on a tiny U-Net (the kernels it measures are tested
+for exactness in ``tests/test_kernels.py``).
 
 The timing run compiles with LLVM's expensive passes off and backend optimisation 0 (these tests
 check the machinery, not the speed), so the module stays well under 30 s on a 2-core CPU.
 """
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +13,8 @@ from benchmarks import unet_bench as ub
 from benchmarks.unet_configs import (COND_SMALL, DDPM_CIFAR10, SD15, SMALL, conv_flops,
                                      diffusers_config, unet_forward_flops)
 from jaxdiff import xla
-from jaxdiff.nn.layers import Dropout, bernoulli, group_norm_silu
+
+pytestmark = pytest.mark.slow  # benchmark runs
 
 FAST_COMPILE = {"xla_llvm_disable_expensive_passes": True, "xla_backend_optimization_level": 0}
 # One level (8x8, with attention), one res block: the smallest U-Net with every layer kind but
@@ -212,61 +212,3 @@ def test_cli_and_helpers(monkeypatch):
     monkeypatch.setattr(ub, "_Jax", FakeJax)
     mb = ub.max_batch_search(cfg, "fp32", False, budget=2 ** 20 + 3 * 1024 * 1000, start=4)
     assert mb["max_batch"] == 1000 and mb["bytes_per_example"] == 3 * 1024
-
-
-def test_dropout_masks_equal_jax_and_flax():
-    for shape in [(2, 8, 8, 16), (3, 5, 7)]:
-        key = jax.random.key(0)
-        ours = _compile(lambda k: bernoulli(k, 0.9, shape), key)
-        ref = _compile(lambda k: jax.random.bernoulli(k, 0.9, shape), key)
-        for seed in range(3):
-            key = jax.random.key(seed)
-            np.testing.assert_array_equal(ours(key), ref(key))
-    for key in (jax.random.key(0, impl="rbg"), jax.random.PRNGKey(3)):  # fallback / raw keys
-        got = _compile(lambda k: bernoulli(k, 0.7, (5, 6)), key)(key)
-        np.testing.assert_array_equal(got, jax.random.bernoulli(key, 0.7, (5, 6)))
-
-    class Net(nn.Module):
-        cls: type
-
-        @nn.compact
-        def __call__(self, x):
-            return self.cls(0.3, deterministic=False)(x)
-
-    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 16))
-    key = jax.random.key(5)
-    apply = lambda cls: _compile(lambda x, k: Net(cls).apply({}, x, rngs={"dropout": k}), x, key)  # noqa: E731
-    np.testing.assert_array_equal(apply(Dropout)(x, key), apply(nn.Dropout)(x, key))
-    assert Dropout(0.3, deterministic=True).apply({}, x) is x
-
-
-@pytest.mark.parametrize("silu", [False, True])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_group_norm_silu_matches_flax_and_autodiff(silu, dtype):
-    x = (2.0 * jax.random.normal(jax.random.key(2), (3, 4, 4, 16)) + 0.5).astype(dtype)
-    scale = jax.random.normal(jax.random.key(3), (16,))
-    bias = jax.random.normal(jax.random.key(4), (16,))
-
-    def ref(x, scale, bias):
-        y = nn.GroupNorm(num_groups=4, epsilon=1e-6, use_fast_variance=False,
-                         dtype=jnp.float32).apply({"params": {"scale": scale, "bias": bias}},
-                                                  x.astype(jnp.float32))
-        return nn.silu(y) if silu else y
-
-    def ours(x, scale, bias):
-        return group_norm_silu(x, scale, bias, 4, 1e-6, silu)
-
-    w = jax.random.normal(jax.random.key(5), x.shape)
-
-    def value_and_grads(f):
-        return _compile(lambda *a: (f(*a), jax.grad(lambda *b: jnp.sum(f(*b) * w),
-                                                    argnums=(0, 1, 2))(*a)),
-                        x, scale, bias)(x, scale, bias)
-
-    (y_ours, g_ours), (y_ref, g_ref) = value_and_grads(ours), value_and_grads(ref)
-    np.testing.assert_allclose(y_ours, y_ref, rtol=1e-6, atol=1e-6)
-    tol = 2e-5 if dtype == jnp.float32 else 2e-2
-    for a, b in zip(g_ours, g_ref):
-        assert a.dtype == b.dtype
-        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
-                                   rtol=tol, atol=tol)

@@ -25,6 +25,8 @@ from jaxdiff.train import Checkpointer, CheckpointError
 from jaxdiff.train.loop import build_vae_training, train
 from jaxdiff.train.vae_step import adaptive_weight, generator_adv_loss, hinge_d_loss, kl_loss, reconstruction_loss
 
+pytestmark = pytest.mark.slow  # end-to-end VAE and latent training runs
+
 VAE_TINY = {
     "data.image_size": 8,
     "model.block_out_channels": (8, 8),

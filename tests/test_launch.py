@@ -14,6 +14,8 @@ import pytest
 
 from experiments.launch import child_env
 
+pytestmark = pytest.mark.slow  # subprocesses
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONTRACT = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "JAX_PLATFORMS",
             "JAX_CPU_COLLECTIVES_IMPLEMENTATION", "XLA_FLAGS", "PYTHONUNBUFFERED")

@@ -35,7 +35,7 @@ from jaxdiff.train.checkpoint import Checkpointer
 from jaxdiff.train.step import create_train_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-pytestmark = pytest.mark.usefixtures("xla_o0")
+pytestmark = [pytest.mark.usefixtures("xla_o0"), pytest.mark.slow]  # slow: real multi-process runs
 
 TINY = {
     "data.image_size": 8, "model.ch": 16, "model.ch_mult": "(1,2)", "model.num_res_blocks": 1,

@@ -21,7 +21,7 @@ from jaxdiff.data import ImageDataset, shapes
 from jaxdiff.eval.shapes import adherence_to_captions
 from jaxdiff.train.loop import train
 
-pytestmark = pytest.mark.usefixtures("xla_o0")
+pytestmark = [pytest.mark.usefixtures("xla_o0"), pytest.mark.slow]  # slow: end-to-end training runs
 
 
 # A pixel-space (vae.workdir "") 8x8 t2i_shapes with one transformer block: compiles fast.

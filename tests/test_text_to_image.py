@@ -17,6 +17,8 @@ import pytest
 from jaxdiff import text_to_image as t2i
 from jaxdiff.tokenizers import bytes_to_unicode
 
+pytestmark = pytest.mark.slow  # Stable Diffusion pipeline parity with diffusers
+
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")

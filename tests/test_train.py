@@ -19,7 +19,7 @@ from jaxdiff.train.checkpoint import Checkpointer
 from jaxdiff.train.loop import TrainingDivergedError, train
 
 # XLA -O0 for this module (conftest.xla_o0; run_cli passes it to subprocesses): compiles dominate here.
-pytestmark = pytest.mark.usefixtures("xla_o0")
+pytestmark = [pytest.mark.usefixtures("xla_o0"), pytest.mark.slow]  # slow: end-to-end training runs and subprocesses
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # CLI overrides that make the digits config tiny (8x8, 2 levels, T=100, 6 steps).

@@ -27,7 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdiff.nn.layers import PointwiseConv, dot_product_attention, group_norm
+from jaxdiff.nn.layers import Dropout, PointwiseConv, dot_product_attention, group_norm
 
 Dtype = Any
 
@@ -79,7 +79,7 @@ class Attention(nn.Module):
         v = dense(inner, "to_v", False)(src).reshape(b, -1, self.num_heads, self.head_dim)
         o = masked_attention(q, k, v, context_mask, self.implementation).reshape(b, t, inner)
         o = dense(c, "to_out", True)(o)
-        return nn.Dropout(self.dropout, deterministic=not train)(o)
+        return Dropout(self.dropout, deterministic=not train)(o)
 
 
 class GEGLU(nn.Module):
@@ -108,7 +108,7 @@ class FeedForward(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         c = x.shape[-1]
         h = GEGLU(self.mult * c, dtype=self.dtype, name="net_0")(x.astype(self.dtype))
-        h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        h = Dropout(self.dropout, deterministic=not train)(h)
         return nn.Dense(c, dtype=self.dtype, param_dtype=jnp.float32, name="net_2")(h)
 
 
