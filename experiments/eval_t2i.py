@@ -5,7 +5,8 @@
 Prompts: every (shape, colour, position) combination (189) in each of the first ``--templates``
 caption templates (default 2: 378 prompts). Each guidance scale samples the same prompts from the
 same noise (``--seed``), so the columns of the grid differ only in the guidance. The images are
-read by :func:`jaxdiff.eval.shapes.adherence` (colour, position and shape from pixels).
+read by :func:`jaxdiff.eval.shapes.adherence` (colour, position and shape from pixels); the sweep
+is :func:`jaxdiff.eval.t2i.evaluate`.
 
 Prints a table (attribute, chance, accuracy per guidance scale) and writes ``--out``.json (the
 figures), ``--out``.png (one row per guidance scale, the same ``--grid_prompts`` prompts in the
@@ -14,7 +15,6 @@ columns) and ``--out``.npz (``images`` uint8 [G, N, H, W, 3], ``prompts`` [N], `
 import json
 import os
 import sys
-import time
 
 from absl import app, flags
 
@@ -24,7 +24,7 @@ FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-    """The command's flags; defined only when run as a script, so :func:`evaluate` imports cleanly."""
+    """The command's flags; defined only when run as a script."""
     flags.DEFINE_string("workdir", "runs/t2i_shapes", "Text-to-image run directory.")
     flags.DEFINE_list("guidance", ["1", "3", "7"], "Guidance scales (1 = no guidance).")
     flags.DEFINE_integer("templates", 2, "Caption templates per combination (189 prompts each).")
@@ -36,47 +36,6 @@ def define_flags() -> None:
     flags.DEFINE_string("out", None, "Output path without extension (default: WORKDIR/eval_t2i).")
 
 
-def evaluate(run, guidance_scales, *, templates=2, seed=0, batch_size=189, **sampler):
-    """Sample every prompt at every guidance scale; returns ``(prompts, images [G, N, H, W, 3], results)``
-    with ``results[g]`` the :func:`jaxdiff.eval.shapes.adherence` dict of guidance ``g``. For a run
-    trained with ``data.holdout``, ``results[g]["held_out"]`` and ``results[g]["seen"]`` score the
-    held-out combinations' prompts and the others apart."""
-    import jax
-    import numpy as np
-
-    from jaxdiff import generation
-    from jaxdiff.data import shapes
-    from jaxdiff.eval.shapes import adherence
-
-    if not 1 <= templates <= len(shapes.TEMPLATES):
-        raise ValueError(f"--templates must be in [1, {len(shapes.TEMPLATES)}], got {templates}.")
-    labels = np.concatenate([shapes.all_labels()] * templates)
-    prompts = [p for t in range(templates) for p in shapes.all_prompts(t)]
-    holdout = run.config.data.get("holdout") or None
-    held = shapes.is_held_out(labels, holdout) if holdout else None
-    all_images, results = [], {}
-    for g in guidance_scales:
-        t0 = time.perf_counter()
-        images = generation.generate_text(run.model, run.params, run.schedule, run.config, prompts=prompts,
-                                         key=jax.random.key(seed), batch_size=batch_size, guidance=float(g), **sampler)
-        r = adherence(images, labels[:, 0], labels[:, 1], labels[:, 2])
-        if held is not None:
-            for part, m in (("held_out", held), ("seen", ~held)):
-                r[part] = adherence(images[m], labels[m, 0], labels[m, 1], labels[m, 2])
-                r[part]["num_prompts"] = int(m.sum())
-        r["seconds"] = time.perf_counter() - t0
-        results[float(g)] = r
-        all_images.append(images)
-        print(f"guidance {g}: colour {r['color_accuracy']:.3f}, position {r['position_accuracy']:.3f}, shape "
-              f"{r['shape_accuracy']:.3f}, all three {r['all_accuracy']:.3f} ({len(prompts)} prompts, "
-              f"{r['seconds']:.0f} s)", flush=True)
-        if held is not None:
-            print("  " + "; ".join(f"{part.replace('_', '-')} ({r[part]['num_prompts']} prompts): all three "
-                                   f"{r[part]['all_accuracy']:.3f}, shape {r[part]['shape_accuracy']:.3f}"
-                                   for part in ("held_out", "seen")), flush=True)
-    return prompts, np.stack(all_images), results
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -86,6 +45,7 @@ def main(argv):
     from jaxdiff import generation, parallel
     from jaxdiff import images as imgs
     from jaxdiff import runs
+    from jaxdiff.eval.t2i import evaluate
     from jaxdiff.train.checkpoint import CheckpointError
 
     try:
@@ -104,7 +64,8 @@ def main(argv):
         return 2
     try:
         prompts, images, results = evaluate(run, guidance, templates=FLAGS.templates, seed=FLAGS.seed,
-                                            batch_size=FLAGS.batch_size, method=FLAGS.sampler, num_steps=FLAGS.steps)
+                                            batch_size=FLAGS.batch_size, method=FLAGS.sampler, num_steps=FLAGS.steps,
+                                            log=lambda line: print(line, flush=True) if parallel.is_writer() else None)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -11,7 +11,8 @@ LAYERS = [
     {"xla", "schedules", "images", "tokenizers", "parallel"},
     {"data", "diffusion", "nn"},
     {"sampling", "interop", "models"},
-    {"eval", "generation", "text_to_image"},
+    {"generation", "text_to_image"},
+    {"eval"},
     {"train"},
     {"runs"},
 ]

@@ -241,7 +241,7 @@ def test_sample_cli_by_prompt(data_dir, tiny_run, tmp_path, capsys):
 
 def test_adherence_eval_on_untrained_model_is_near_chance(data_dir, tiny_run):
     """The eval script's figures are computed from the images: a 4-step model adheres at chance."""
-    from experiments.eval_t2i import evaluate
+    from jaxdiff.eval.t2i import evaluate
 
     run = runs.load_run(tiny_run[0])
     prompts, images, results = evaluate(run, [1.0, 5.0], templates=1, batch_size=2)
