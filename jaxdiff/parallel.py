@@ -10,8 +10,8 @@ before anything touches the backend. It reads, in this order,
 
 - JAX's contract ``JAX_COORDINATOR_ADDRESS=host:port``, ``JAX_NUM_PROCESSES=N``,
   ``JAX_PROCESS_ID=i`` (what ``python -m experiments.launch`` sets);
-- a SLURM job step with more than one task (``SLURM_JOB_ID`` and ``SLURM_NTASKS`` > 1;
-  JAX derives the coordinator from the node list);
+- a task of a SLURM job step with more than one task (``srun``: ``SLURM_PROCID`` set and
+  ``SLURM_STEP_NUM_TASKS`` / ``SLURM_NTASKS`` > 1; JAX derives the coordinator from the node list);
 - a Cloud TPU pod slice (``TPU_WORKER_HOSTNAMES`` with more than one host, or
   ``JAXDIFF_DISTRIBUTED=auto`` for other environments that JAX auto-detects);
 
@@ -84,9 +84,9 @@ def cluster_from_env(env: Mapping[str, str] | None = None) -> dict | None:
         return {"coordinator_address": address, "num_processes": n, "process_id": i}
     if env.get("JAXDIFF_DISTRIBUTED", "").strip().lower() == "auto":
         return {"auto": True}
-    ntasks = env.get("SLURM_NTASKS") or env.get("SLURM_NPROCS")
-    if env.get("SLURM_JOB_ID") and ntasks and ntasks.isdigit() and int(ntasks) > 1 and env.get("SLURM_STEP_NODELIST",
-                                                                                                  env.get("SLURM_NODELIST")):
+    # A task of an srun job step (SLURM_PROCID is set per task by srun, not in an salloc shell).
+    ntasks = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or env.get("SLURM_NPROCS")
+    if env.get("SLURM_JOB_ID") and env.get("SLURM_PROCID") and ntasks and ntasks.isdigit() and int(ntasks) > 1:
         return {"auto": True}
     hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
     if len(hosts) > 1:

@@ -344,9 +344,10 @@ def test_cluster_environments():
     assert parallel.cluster_from_env({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4",
                                       "JAX_PROCESS_ID": "3"}) == {
         "coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3}
-    assert parallel.cluster_from_env({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "8", "SLURM_STEP_NODELIST": "n[1-2]"}) == {
+    assert parallel.cluster_from_env({"SLURM_JOB_ID": "7", "SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "8"}) == {
         "auto": True}
-    assert parallel.cluster_from_env({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1", "SLURM_NODELIST": "n1"}) is None
+    assert parallel.cluster_from_env({"SLURM_JOB_ID": "7", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) is None
+    assert parallel.cluster_from_env({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "8"}) is None  # an salloc shell, no srun
     assert parallel.cluster_from_env({"TPU_WORKER_HOSTNAMES": "t0,t1"}) == {"auto": True}
     assert parallel.cluster_from_env({"TPU_WORKER_HOSTNAMES": "localhost"}) is None
 
