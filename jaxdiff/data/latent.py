@@ -31,7 +31,7 @@ class LatentDataset:
         self.images, self.autoencoder, self.sample_posterior = images, autoencoder, bool(sample_posterior)
         self.name, self.split = images.name, images.split
         self.batch_size, self.seed, self.num_examples = images.batch_size, images.seed, images.num_examples
-        self.num_classes = images.num_classes
+        self.num_classes, self.class_names = images.num_classes, images.class_names
         self.image_shape = tuple(autoencoder.vae.latent_shape)
         self.annotation_keys = tuple(getattr(images, "annotation_keys", ()))
         self._mean = np.empty((self.num_examples, *self.image_shape), np.float32)

@@ -28,13 +28,14 @@ import functools
 import os
 import queue
 import threading
-from typing import Any, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
 from jaxdiff.data import digits as digits_lib
+from jaxdiff.data import folder as folder_lib
 from jaxdiff.data import shapes as shapes_lib
 
 # Datasets whose resized images take fewer bytes than this are cached in memory as they are read.
@@ -73,13 +74,17 @@ def _not_prepared(name: str, data_dir: str, why: str) -> DatasetNotPreparedError
         "(pass data_dir=..., or set JAXDIFF_DATA_DIR).")
 
 
-def get_builder(name: str, data_dir: Optional[str] = None) -> tfds.core.DatasetBuilder:
-    """The prepared TFDS builder for ``name`` in the data dir (``digits``, ``shapes`` are built on first use).
+def get_builder(name: str, data_dir: Optional[str] = None, image_size: Optional[int] = None) -> tfds.core.DatasetBuilder:
+    """The prepared TFDS builder for ``name`` in the data dir (``digits``, ``shapes`` are built on first use;
+    ``folder:PATH``, the user's images, is built at ``image_size`` on first use and when the folder
+    changes: :mod:`jaxdiff.data.folder`).
 
     Raises:
       DatasetNotPreparedError: the dataset is unknown, not prepared there, or not in array_record.
     """
     data_dir = default_data_dir(data_dir)
+    if folder_lib.is_folder(name):
+        return folder_lib.folder_builder(name, data_dir, image_size)
     if name.split(":")[0] == digits_lib.NAME:
         return digits_lib.digits_builder(data_dir)
     if name.split(":")[0] == shapes_lib.NAME:
@@ -146,6 +151,7 @@ class ImageDataset:
     Attributes:
       num_examples: N, examples in the split (without the held-out ones).
       num_classes: classes of the ``label`` feature; None if there is none or ``drop_labels``.
+      class_names: their names (label id order; a class folder's sorted folder names), or None.
       annotation_keys: the other features a batch carries (Text as ``str``, ClassLabel as int32):
         ``ANNOTATIONS[name]``, e.g. ``('caption', 'shape', 'color', 'position')`` for ``shapes``;
         () for other datasets or if ``drop_labels``.
@@ -174,7 +180,7 @@ class ImageDataset:
         self.batch_size, self.image_size, self.seed = int(batch_size), image_size, int(seed)
         self.random_flip = random_flip
         self.data_dir = default_data_dir(data_dir)
-        builder = get_builder(name, self.data_dir)
+        builder = get_builder(name, self.data_dir, image_size)
         _check_split(builder, split)
         features = builder.info.features
         if "image" not in features:
@@ -189,7 +195,9 @@ class ImageDataset:
         label = features["label"] if "label" in features else None
         self._has_label = label is not None and not drop_labels
         self.num_classes = getattr(label, "num_classes", None) if self._has_label else None
-        self.annotation_keys = () if drop_labels else ANNOTATIONS.get(name.split(":")[0], ())
+        self.class_names = list(label.names) if self._has_label and hasattr(label, "names") else None
+        captioned = ("caption",) if "caption" in features else ()  # e.g. a captioned image folder
+        self.annotation_keys = () if drop_labels else ANNOTATIONS.get(name.split(":")[0], captioned)
         self._is_text = {k: isinstance(features[k], tfds.features.Text) for k in self.annotation_keys}
 
         shape = features["image"].shape

@@ -151,7 +151,8 @@ def run_metadata(config: ml_collections.ConfigDict, dataset: ImageDataset, model
             "arch": {k: v for k, v in config.model.to_dict().items() if k not in ("dtype", "remat", "dropout")},
             **({"text": config.text.to_dict()} if model.text_conditional else {}),
         })),
-        "dataset": {"name": dataset.name, "num_examples": dataset.num_examples},
+        "dataset": {"name": dataset.name, "num_examples": dataset.num_examples,
+                    **({"class_names": dataset.class_names} if getattr(dataset, "class_names", None) else {})},
     }
     if model.autoencoder is not None:
         ae = model.autoencoder
