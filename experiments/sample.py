@@ -29,7 +29,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed (same seed, same images).")
 _LABELS = flags.DEFINE_list("labels", None, "Class labels: one per image, or one to repeat (conditional models).")
 _OUT = flags.DEFINE_string("out", "samples", "Output path without extension: writes OUT.png and OUT.npz.")
 _SAMPLER = flags.DEFINE_string("sampler", None, "Sampler (default: the config's sample.method): "
-                               "ddpm, ddim, dpmpp_2m, euler, heun.")
+                               "ddpm, ddim, dpmpp_2m, euler, heun, euler_ancestral.")
 _STEPS = flags.DEFINE_integer("steps", None, "Sampling steps (default: the config's sample.num_steps).")
 _ETA = flags.DEFINE_float("eta", None, "DDIM eta (0 = deterministic).")
 _GUIDANCE = flags.DEFINE_float("guidance", None, "Classifier-free guidance scale (1 = off).")

@@ -1,8 +1,8 @@
-"""Samplers: DDPM, DDIM, DPM-Solver++(2M), Euler and Heun, as pure functions of a ``model_fn``.
+"""Samplers: DDPM, DDIM, DPM-Solver++(2M), Euler, Heun and Euler ancestral, as pure functions of a ``model_fn``.
 
 A model is known only as ``model_fn(x_t, t, **extra_args) -> prediction`` where ``x_t: [B, ...]``
 float32 is the model input, ``t: [B]`` float32 the timestep on the training scale ``0..T-1`` (integer
-valued for ddpm/ddim/dpmpp_2m, fractional for euler/heun) and the prediction (``"eps"``, ``"x0"``
+valued for ddpm/ddim/dpmpp_2m, fractional for euler/heun/euler_ancestral) and the prediction (``"eps"``, ``"x0"``
 or ``"v"``) has the shape of ``x_t``. Every sampler starts from standard normal noise ``x_T`` and
 scales it as its parameterisation needs::
 
@@ -23,9 +23,10 @@ Sampler arithmetic is float32 whatever the network computes in: the model output
 float32 before use.
 
 Conventions follow diffusers' schedulers (``DDPMScheduler``, ``DDIMScheduler``,
-``DPMSolverMultistepScheduler``, ``EulerDiscreteScheduler``, ``HeunDiscreteScheduler``) with the
+``DPMSolverMultistepScheduler``, ``EulerDiscreteScheduler``, ``HeunDiscreteScheduler``,
+``EulerAncestralDiscreteScheduler``) with the
 same default timestep spacing per method; where we deviate on purpose it is said in the sampler's
-docstring (DDIM always steps to the next timestep of the grid; Euler/Heun always start at
+docstring (DDIM always steps to the next timestep of the grid; the Euler family always starts at
 ``sqrt(sigma_max^2 + 1)``; DDPM/DDIM recompute eps from a clipped x0; no noise at the last step).
 """
 from __future__ import annotations
@@ -52,11 +53,12 @@ from jaxdiff.schedules import (
     train_sigmas_np,
 )
 
-METHODS = ("ddpm", "ddim", "dpmpp_2m", "euler", "heun")
+METHODS = ("ddpm", "ddim", "dpmpp_2m", "euler", "heun", "euler_ancestral")
 VARIANCES = ("fixed_small", "fixed_large")
 # diffusers' default `timestep_spacing` of each scheduler.
 DEFAULT_SPACING = {
-    "ddpm": "leading", "ddim": "leading", "dpmpp_2m": "linspace", "euler": "linspace", "heun": "linspace"
+    "ddpm": "leading", "ddim": "leading", "dpmpp_2m": "linspace", "euler": "linspace", "heun": "linspace",
+    "euler_ancestral": "linspace",
 }
 KARRAS_METHODS = ("dpmpp_2m", "euler", "heun")
 
@@ -159,6 +161,15 @@ def _heun_step(model, denoise, carry, c, key):
         return x + (sigma_next - sigma) * 0.5 * (d + d_next)
 
     return jax.lax.cond(sigma_next > 0, correct, lambda: x_euler), None
+
+
+def _euler_ancestral_step(model, denoise, carry, c, key):
+    """Euler to sigma_down, then fresh noise of std sigma_up (k-diffusion's ``sample_euler_ancestral``,
+    eta 1; diffusers' ``EulerAncestralDiscreteScheduler``): sigma_down^2 + sigma_up^2 = sigma_next^2."""
+    x, _ = carry
+    d = (x - _ve_denoiser(model, denoise, x, c["sigma"], c["t"])) / c["sigma"]
+    x = x + (c["sigma_down"] - c["sigma"]) * d
+    return x + c["sigma_up"] * jax.random.normal(key, x.shape, jnp.float32), None
 
 
 # ----------------------------------------------------------------------------- the jitted loop
@@ -391,8 +402,31 @@ def sample_heun(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, *, num_st
                  return_trajectory=return_trajectory)
 
 
+def sample_euler_ancestral(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, *, num_steps: int,
+                           key: jax.Array, prediction: str = "eps", timestep_spacing: str = "linspace",
+                           steps_offset: int = 0, clip_x0: float | None = None, dynamic_threshold=None,
+                           extra_args: Mapping[str, Any] | None = None, return_trajectory: bool = False):
+    """Euler ancestral (diffusers' ``EulerAncestralDiscreteScheduler``, k-diffusion's
+    ``sample_euler_ancestral`` with eta 1): each step goes by Euler from sigma to
+    ``sigma_down = sqrt(sigma_next^2 - sigma_up^2)`` and adds noise of std
+    ``sigma_up = sqrt(sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2)``, drawn from
+    ``split(key, num_steps)[i]`` (the last step, to sigma = 0, adds none). Grid and scaling of
+    ``x_T`` as :func:`sample_euler`.
+    """
+    ab, T = _check(schedule, x_T, num_steps, prediction, timestep_spacing, "euler_ancestral")
+    _need_key(key, "euler_ancestral")
+    t, s = _karras_grid(ab, T, num_steps, timestep_spacing, steps_offset, False)
+    sigma, sigma_next = s[:-1], s[1:]
+    sigma_up = np.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
+    sigma_down = np.sqrt(sigma_next**2 - sigma_up**2)
+    consts = dict(t=t, sigma=sigma, sigma_down=sigma_down, sigma_up=sigma_up)
+    return _loop(_euler_ancestral_step, model_fn, x_T, consts, init_scale=math.sqrt(s[0] ** 2 + 1.0), key=key,
+                 prediction=prediction, clip_x0=clip_x0, dynamic_threshold=dynamic_threshold,
+                 extra_args=extra_args, return_trajectory=return_trajectory)
+
+
 SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m,
-            "euler": sample_euler, "heun": sample_heun}
+            "euler": sample_euler, "heun": sample_heun, "euler_ancestral": sample_euler_ancestral}
 
 
 def sample(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, *, method: str, num_steps: int,
@@ -406,9 +440,10 @@ def sample(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, *, method: str
       model_fn: ``model_fn(x_t, t, **extra_args) -> prediction`` with ``t: [B]`` float32 on the
         training scale. Hashed as a static jit argument: define it once.
       schedule: the training :class:`~jaxdiff.schedules.Schedule` (concrete, read on the host).
-      method: one of ``METHODS``: ``"ddpm"``, ``"ddim"``, ``"dpmpp_2m"``, ``"euler"``, ``"heun"``.
+      method: one of ``METHODS``: ``"ddpm"``, ``"ddim"``, ``"dpmpp_2m"``, ``"euler"``, ``"heun"``,
+        ``"euler_ancestral"``.
       num_steps: sampling steps N, ``1 <= N <= T`` (model calls: N, heun 2N - 1).
-      key: PRNG key, required by ddpm and by ddim with ``eta > 0``; ignored otherwise.
+      key: PRNG key, required by ddpm, euler_ancestral and ddim with ``eta > 0``; ignored otherwise.
       prediction: what the model predicts: ``"eps"``, ``"x0"`` or ``"v"``.
       timestep_spacing: ``"leading"``, ``"trailing"`` or ``"linspace"``; None takes diffusers' default
         for the method (``DEFAULT_SPACING``). ``steps_offset`` shifts ``"leading"`` grids.
@@ -441,7 +476,7 @@ def sample(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, *, method: str
     elif method == "ddim":
         kwargs["eta"] = eta
         kwargs["final_alpha_cumprod"] = final_alpha_cumprod
-    else:
+    elif method in KARRAS_METHODS:
         kwargs["use_karras_sigmas"] = use_karras_sigmas
     return SAMPLERS[method](model_fn, schedule, x_T, **kwargs)
 

@@ -473,3 +473,36 @@ def test_clear_errors(kwargs, match):
 def test_x_T_must_be_floating():
     with pytest.raises(TypeError, match="floating"):
         sampling.sample(jax_model, SCHEDULES["linear"], jnp.zeros(SHAPE, jnp.int32), method="ddim", num_steps=10)
+
+
+@pytest.mark.parametrize("spacing,num_steps,prediction", [("linspace", 10, "eps"), ("leading", 25, "v"),
+                                                          ("trailing", 7, "eps")])
+def test_euler_ancestral_trajectory_matches_diffusers(monkeypatch, spacing, num_steps, prediction):
+    """EulerAncestralDiscreteScheduler fed the same per-step noise: normal(split(key, N)[i])."""
+    key, x_T = rbg_key(3), noise(5)
+    zs = our_noise(key, num_steps)
+    ours = sampling.sample(jax_model, SCHEDULES["scaled_linear"], jnp.asarray(x_T), method="euler_ancestral",
+                           num_steps=num_steps, key=key, timestep_spacing=spacing, prediction=prediction)
+    d = diffusers.EulerAncestralDiscreteScheduler(**SCHED_KW["scaled_linear"], timestep_spacing=spacing,
+                                                  prediction_type=DIFFUSERS_PRED[prediction])
+    step = {"i": 0}
+
+    def fake_randn(shape, generator=None, device=None, dtype=None, layout=None):
+        return to_nchw(zs[step["i"]]).to(dtype)
+
+    monkeypatch.setattr(importlib.import_module("diffusers.schedulers.scheduling_euler_ancestral_discrete"),
+                        "randn_tensor", fake_randn)
+    d.set_timesteps(num_steps)
+    x = to_nchw(x_T) * init_sigma_ours(d, num_steps)
+    for i, t in enumerate(d.timesteps):
+        step["i"] = i
+        x = d.step(torch_model(d.scale_model_input(x, t), t), t, x).prev_sample
+    ref = x.permute(0, 2, 3, 1).numpy().astype(np.float64)
+    assert rel_err(ours, ref, "euler_ancestral") < TOL
+    # The noise matters: another key gives other images; the same key the same ones.
+    other = sampling.sample(jax_model, SCHEDULES["scaled_linear"], jnp.asarray(x_T), method="euler_ancestral",
+                            num_steps=num_steps, key=rbg_key(4), timestep_spacing=spacing, prediction=prediction)
+    assert rel_err(other, ref) > 1e-2
+    with pytest.raises(ValueError, match="euler_ancestral is stochastic"):
+        sampling.sample(jax_model, SCHEDULES["scaled_linear"], jnp.asarray(x_T), method="euler_ancestral",
+                        num_steps=num_steps)
