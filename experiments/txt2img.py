@@ -31,7 +31,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("num", 4, "Number of images.")
     flags.DEFINE_integer("steps", 25, "Sampling steps.")
     flags.DEFINE_float("guidance", 7.5, "Classifier-free guidance scale (<= 1: no guidance).")
-    flags.DEFINE_string("sampler", "dpmpp_2m", "Sampler: ddim, dpmpp_2m, euler, heun, ddpm.")
+    flags.DEFINE_string("sampler", None, "Sampler: ddim, dpmpp_2m, euler, heun, ddpm, euler_ancestral, pndm "
+                        "(default: the folder's scheduler, scheduler/scheduler_config.json).")
     flags.DEFINE_integer("seed", 0, "PRNG seed (same seed, same images).")
     flags.DEFINE_string("out", "txt2img", "Output path without extension: writes OUT.png and OUT.npz.")
     flags.DEFINE_integer("height", None, "Image height in pixels (default: the model's, 512 for SD 1.x).")
@@ -41,7 +42,7 @@ def define_flags() -> None:
 
 
 def run_txt2img(model: Union[str, Any], prompt: Union[str, Sequence[str]], *, num: int = 4, steps: int = 25,
-                guidance: float = 7.5, sampler: str = "dpmpp_2m", seed: int = 0, out: Optional[str] = "txt2img",
+                guidance: float = 7.5, sampler: Optional[str] = None, seed: int = 0, out: Optional[str] = "txt2img",
                 negative_prompt: str = "", height: Optional[int] = None, width: Optional[int] = None,
                 batch_size: Optional[int] = None, dtype: Optional[str] = None, verbose: bool = True):
     """Generate ``num`` images and write ``out.png`` / ``out.npz`` (nothing written if ``out`` is None).
@@ -92,7 +93,8 @@ def run_txt2img(model: Union[str, Any], prompt: Union[str, Sequence[str]], *, nu
         Image.fromarray(make_grid(images)).save(path + ".png")
         np.savez(path + ".npz", images=images, prompts=np.array(per_image), seed=np.int64(seed))
         if verbose:
-            print(f"Wrote {os.path.abspath(path)}.png and .npz: {num} images {images.shape[1:]}, {sampler} {steps} "
+            used = sampler or f"{sd.scheduler.method} (the folder's {sd.scheduler.scheduler_class})"
+            print(f"Wrote {os.path.abspath(path)}.png and .npz: {num} images {images.shape[1:]}, {used} {steps} "
                   f"steps, guidance {guidance}, seed {seed}; load {t_load:.1f} s, generate {t_gen:.1f} s "
                   "(first call includes compilation)")
     return images, per_image

@@ -53,12 +53,12 @@ from jaxdiff.schedules import (
     train_sigmas_np,
 )
 
-METHODS = ("ddpm", "ddim", "dpmpp_2m", "euler", "heun", "euler_ancestral")
+METHODS = ("ddpm", "ddim", "dpmpp_2m", "euler", "heun", "euler_ancestral", "pndm")
 VARIANCES = ("fixed_small", "fixed_large")
 # diffusers' default `timestep_spacing` of each scheduler.
 DEFAULT_SPACING = {
     "ddpm": "leading", "ddim": "leading", "dpmpp_2m": "linspace", "euler": "linspace", "heun": "linspace",
-    "euler_ancestral": "linspace",
+    "euler_ancestral": "linspace", "pndm": "leading",
 }
 KARRAS_METHODS = ("dpmpp_2m", "euler", "heun")
 
@@ -172,6 +172,25 @@ def _euler_ancestral_step(model, denoise, carry, c, key):
     return x + c["sigma_up"] * jax.random.normal(key, x.shape, jnp.float32), None
 
 
+def _pndm_step(model, denoise, carry, c, key):
+    """One PLMS step (diffusers' ``PNDMScheduler`` with ``skip_prk_steps``, the Stable Diffusion 1.x
+    default): a linear multistep combination of this and up to three earlier eps predictions
+    (weights ``w0..w3``: Adams-Bashforth of order 1-4, and one averaging step that restarts from the
+    first sample), then PNDM's transfer ``x_prev = a x - b eps``. Memory: the last three eps and the
+    first sample."""
+    x, (h1, h2, h3, first) = carry
+    e = model(x, c["t"])
+    comb = c["w0"] * e + c["w1"] * h1 + c["w2"] * h2 + c["w3"] * h3
+    sample = jnp.where(c["use_first"] > 0, first, x)
+    if denoise.prediction == "v":  # as diffusers: v -> eps after combining, at the step's own alpha
+        comb = c["sqrt_ab"] * comb + c["sqrt_1m_ab"] * sample
+    x_prev = c["sample_coeff"] * sample - c["eps_coeff"] * comb
+    push = c["push"] > 0
+    memory = (jnp.where(push, e, h1), jnp.where(push, h1, h2), jnp.where(push, h2, h3),
+              jnp.where(c["save_first"] > 0, x, first))
+    return x_prev, memory
+
+
 # ----------------------------------------------------------------------------- the jitted loop
 @functools.partial(xla.jit, static_argnames=("step", "model_fn", "denoise", "return_trajectory"))
 def _run(x_T, init_scale, consts, keys, extra_args, *, step, model_fn, denoise, return_trajectory):
@@ -188,8 +207,13 @@ def _run(x_T, init_scale, consts, keys, extra_args, *, step, model_fn, denoise, 
         carry = step(model, denoise, carry, c, key)
         return carry, (carry[0] if return_trajectory else None)
 
-    x0_prev = jnp.zeros_like(x) if step is _dpmpp_2m_step else None  # only the multistep solver has memory
-    (x, _), trajectory = jax.lax.scan(body, (x, x0_prev), (consts, keys))
+    if step is _dpmpp_2m_step:  # the multistep solvers carry memory across steps
+        memory = jnp.zeros_like(x)
+    elif step is _pndm_step:
+        memory = (jnp.zeros_like(x),) * 4
+    else:
+        memory = None
+    (x, _), trajectory = jax.lax.scan(body, (x, memory), (consts, keys))
     return (x, trajectory) if return_trajectory else x
 
 
@@ -425,8 +449,51 @@ def sample_euler_ancestral(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array
                  extra_args=extra_args, return_trajectory=return_trajectory)
 
 
+def sample_pndm(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, *, num_steps: int,
+                prediction: str = "eps", timestep_spacing: str = "leading", steps_offset: int = 0,
+                final_alpha_cumprod: float | None = None, extra_args: Mapping[str, Any] | None = None,
+                return_trajectory: bool = False, key=None, clip_x0=None, dynamic_threshold=None):
+    """PNDM's pseudo linear multistep sampler (Liu et al. 2022) as diffusers' ``PNDMScheduler`` with
+    ``skip_prk_steps=True``, the scheduler Stable Diffusion 1.x folders name: the grid of
+    ``num_steps`` timesteps with its second point repeated (``num_steps + 1`` model calls), eps
+    combined by Adams-Bashforth weights of rising order, ``prev_t = t - T // num_steps`` at every
+    spacing, and ``final_alpha_cumprod`` after the last step (None: 1, ``set_alpha_to_one``; Stable
+    Diffusion: ``alphas_cumprod[0]``). eps and v predictions (diffusers converts v after combining);
+    no x0 clipping.
+    """
+    ab, T = _check(schedule, x_T, num_steps, prediction, timestep_spacing, "pndm")
+    if prediction == "x0":
+        raise ValueError("pndm takes eps or v predictions (as diffusers' PNDMScheduler), not x0.")
+    if clip_x0 is not None or dynamic_threshold is not None:
+        raise ValueError("pndm does not clip or threshold x0 (diffusers' PNDMScheduler has no such option).")
+    final = 1.0 if final_alpha_cumprod is None else float(final_alpha_cumprod)
+    asc = np.round(timesteps(T, num_steps, timestep_spacing, steps_offset))[::-1].astype(np.int64)
+    plms = np.concatenate([asc[:-1], asc[-2:-1], asc[-1:]])[::-1]
+    ratio = T // num_steps
+    weights = {1: (1.0, 0.0, 0.0, 0.0), 2: (1.5, -0.5, 0.0, 0.0), 3: (23 / 12, -16 / 12, 5 / 12, 0.0),
+               4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+    rows, n_eps = [], 0
+    for counter, t_model in enumerate(plms):  # diffusers' step_plms, unrolled on the host
+        t, prev, push = int(t_model), int(t_model) - ratio, 1.0
+        if counter == 1:  # the restart step: average with the first eps, from the first sample
+            t, prev, push = int(t_model) + ratio, int(t_model), 0.0
+        else:
+            n_eps = min(n_eps, 3) + 1
+        w = (0.5, 0.5, 0.0, 0.0) if counter == 1 and n_eps == 1 else weights[n_eps]
+        a_t, a_prev = ab[t], (ab[prev] if prev >= 0 else final)
+        denom = a_t * np.sqrt(1.0 - a_prev) + np.sqrt(a_t * (1.0 - a_t) * a_prev)
+        rows.append(dict(t=float(t_model), w0=w[0], w1=w[1], w2=w[2], w3=w[3], push=push,
+                         use_first=float(counter == 1 and n_eps == 1), save_first=float(counter == 0),
+                         sample_coeff=np.sqrt(a_prev / a_t), eps_coeff=(a_prev - a_t) / denom,
+                         sqrt_ab=np.sqrt(a_t), sqrt_1m_ab=np.sqrt(1.0 - a_t)))
+    consts = {k: np.array([r[k] for r in rows], np.float64) for k in rows[0]}
+    return _loop(_pndm_step, model_fn, x_T, consts, prediction=prediction, extra_args=extra_args,
+                 return_trajectory=return_trajectory)
+
+
 SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m,
-            "euler": sample_euler, "heun": sample_heun, "euler_ancestral": sample_euler_ancestral}
+            "euler": sample_euler, "heun": sample_heun, "euler_ancestral": sample_euler_ancestral,
+            "pndm": sample_pndm}
 
 
 def sample(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, *, method: str, num_steps: int,
@@ -441,7 +508,7 @@ def sample(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, *, method: str
         training scale. Hashed as a static jit argument: define it once.
       schedule: the training :class:`~jaxdiff.schedules.Schedule` (concrete, read on the host).
       method: one of ``METHODS``: ``"ddpm"``, ``"ddim"``, ``"dpmpp_2m"``, ``"euler"``, ``"heun"``,
-        ``"euler_ancestral"``.
+        ``"euler_ancestral"``, ``"pndm"``.
       num_steps: sampling steps N, ``1 <= N <= T`` (model calls: N, heun 2N - 1).
       key: PRNG key, required by ddpm, euler_ancestral and ddim with ``eta > 0``; ignored otherwise.
       prediction: what the model predicts: ``"eps"``, ``"x0"`` or ``"v"``.
@@ -454,7 +521,7 @@ def sample(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, *, method: str
       extra_args: pytree of keyword arguments for ``model_fn`` (params, labels, guidance scale);
         traced, so new values do not recompile.
       return_trajectory: also return x after every step, ``[N, B, ...]``.
-      final_alpha_cumprod: ddim only: where the last step lands (None: clean data; Stable
+      final_alpha_cumprod: ddim and pndm: where the last step lands (None: clean data; Stable
         Diffusion's ``set_alpha_to_one=False`` means ``alphas_cumprod[0]``).
     """
     if method not in SAMPLERS:
@@ -463,8 +530,8 @@ def sample(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, *, method: str
         raise ValueError(f"eta applies to ddim only, not {method}.")
     if variance != "fixed_small" and method != "ddpm":
         raise ValueError(f"variance applies to ddpm only, not {method}.")
-    if final_alpha_cumprod is not None and method != "ddim":
-        raise ValueError(f"final_alpha_cumprod applies to ddim only, not {method}.")
+    if final_alpha_cumprod is not None and method not in ("ddim", "pndm"):
+        raise ValueError(f"final_alpha_cumprod applies to ddim and pndm only, not {method}.")
     if use_karras_sigmas and method not in KARRAS_METHODS:
         raise ValueError(f"use_karras_sigmas applies to {KARRAS_METHODS}, not {method}.")
     kwargs = dict(num_steps=num_steps, key=key, prediction=prediction,
@@ -475,6 +542,8 @@ def sample(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, *, method: str
         kwargs["variance"] = variance
     elif method == "ddim":
         kwargs["eta"] = eta
+        kwargs["final_alpha_cumprod"] = final_alpha_cumprod
+    elif method == "pndm":
         kwargs["final_alpha_cumprod"] = final_alpha_cumprod
     elif method in KARRAS_METHODS:
         kwargs["use_karras_sigmas"] = use_karras_sigmas

@@ -50,6 +50,10 @@ from jaxdiff.tokenizers import CLIPTokenizer
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 _PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 _BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+# The sampler that reproduces each diffusers scheduler class a folder may name.
+SCHEDULER_METHODS = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "DPMSolverMultistepScheduler": "dpmpp_2m",
+                     "EulerDiscreteScheduler": "euler", "HeunDiscreteScheduler": "heun",
+                     "EulerAncestralDiscreteScheduler": "euler_ancestral", "PNDMScheduler": "pndm"}
 
 
 # ----------------------------------------------------------------------------- scheduler config
@@ -75,6 +79,8 @@ class SchedulerConfig:
     clip_sample: Optional[float] = None  # clip_sample_range when clip_sample (ddim/ddpm only)
     thresholding: Optional[tuple] = None  # (dynamic_thresholding_ratio, sample_max_value)
     use_karras_sigmas: bool = False
+    scheduler_class: Optional[str] = None  # the file's "_class_name"
+    method: Optional[str] = None  # the jaxdiff sampler of that class (None: no equivalent)
 
     @classmethod
     def from_diffusers(cls, config: dict, path: str = "scheduler_config.json") -> "SchedulerConfig":
@@ -107,6 +113,10 @@ class SchedulerConfig:
             thresholding=((float(c.get("dynamic_thresholding_ratio", 0.995)), float(c.get("sample_max_value", 1.0)))
                           if c.get("thresholding", False) else None),
             use_karras_sigmas=bool(c.get("use_karras_sigmas", False)),
+            scheduler_class=c.get("_class_name"),
+            # PNDM's Runge-Kutta warm-up (skip_prk_steps=false) is not implemented: no default then.
+            method=(None if c.get("_class_name") == "PNDMScheduler" and not c.get("skip_prk_steps", False)
+                    else SCHEDULER_METHODS.get(c.get("_class_name"))),
         )
 
 
@@ -320,7 +330,7 @@ class _Spec:
     use_karras_sigmas: bool
     guided: bool
     clip_skip: int
-    final_alpha: Optional[float]  # DDIM with set_alpha_to_one=False: alpha_bar[0]
+    final_alpha: Optional[float]  # DDIM/PNDM with set_alpha_to_one=False: alpha_bar[0]
 
 
 @functools.partial(xla.jit, static_argnames=("spec",))
@@ -345,7 +355,7 @@ def _generate(params, ids, mask, latents, guidance_scale, key, *, spec: _Spec):
         kwargs["dynamic_threshold"] = cfg.thresholding
     if spec.use_karras_sigmas:
         kwargs["use_karras_sigmas"] = True
-    if spec.final_alpha is not None:  # DDIM with set_alpha_to_one=False (SD 1.x)
+    if spec.final_alpha is not None:  # DDIM/PNDM with set_alpha_to_one=False (SD 1.x)
         kwargs["final_alpha_cumprod"] = spec.final_alpha
     z = sampling.sample(model_fn, build_schedule(cfg), latents, **kwargs)
     z = z / jnp.float32(spec.vae.scaling_factor)
@@ -356,7 +366,7 @@ def _generate(params, ids, mask, latents, guidance_scale, key, *, spec: _Spec):
 
 
 def text_to_image(sd: StableDiffusion, prompts: Union[str, Sequence[str]], *, key: jax.Array,
-                  num_steps: int = 50, guidance_scale: float = 7.5, method: str = "ddim",
+                  num_steps: int = 50, guidance_scale: float = 7.5, method: Optional[str] = None,
                   height: Optional[int] = None, width: Optional[int] = None,
                   negative_prompt: Union[str, Sequence[str]] = "", latents: Optional[jax.Array] = None,
                   timestep_spacing: Optional[str] = None, use_karras_sigmas: Optional[bool] = None,
@@ -368,7 +378,8 @@ def text_to_image(sd: StableDiffusion, prompts: Union[str, Sequence[str]], *, ke
       prompts: a string or a list of B strings.
       key: PRNG key for the initial noise (unless ``latents`` is given) and stochastic samplers.
       num_steps: sampler steps. method: one of ``sampling.METHODS`` ("ddim", "dpmpp_2m", "euler",
-        "heun", "ddpm").
+        "heun", "ddpm", "euler_ancestral", "pndm"); None: the sampler of the folder's own scheduler
+        (``scheduler_config.json``'s class: PNDM for Stable Diffusion 1.x).
       guidance_scale: classifier-free guidance ``w``: ``eps_u + w (eps_c - eps_u)``, conditional and
         negative-prompt branches in one batched U-Net call; ``w <= 1`` runs the conditional model
         alone (diffusers' rule).
@@ -382,6 +393,11 @@ def text_to_image(sd: StableDiffusion, prompts: Union[str, Sequence[str]], *, ke
     """
     prompts = _as_prompts(prompts)
     b = len(prompts)
+    if method is None:
+        method = sd.scheduler.method
+        if method is None:
+            raise ValueError(f"The folder's scheduler ({sd.scheduler.scheduler_class or 'no _class_name'}) has no "
+                             f"jaxdiff sampler: choose one of {sampling.METHODS}.")
     if method not in sampling.METHODS:
         raise ValueError(f"Unknown sampling method {method!r}; choose one of {sampling.METHODS}.")
     f = sd.vae_scale_factor
@@ -405,7 +421,7 @@ def text_to_image(sd: StableDiffusion, prompts: Union[str, Sequence[str]], *, ke
     if not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= cfg.num_train_timesteps:
         raise ValueError(f"num_steps must be an integer in [1, {cfg.num_train_timesteps}], got {num_steps!r}")
     final_alpha = None
-    if method == "ddim" and not cfg.set_alpha_to_one:
+    if method in ("ddim", "pndm") and not cfg.set_alpha_to_one:
         final_alpha = float(np.asarray(sd.schedule.alphas_cumprod, np.float64)[0])
     guided = float(guidance_scale) > 1.0
     texts = prompts

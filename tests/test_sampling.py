@@ -201,7 +201,9 @@ def test_steps_offset_matches_diffusers(method):
 
 
 def test_default_spacing_is_diffusers_default():
-    classes = dict(ddpm=diffusers.DDPMScheduler, **{m: cls for m, (cls, _) in ODE_SAMPLERS.items()})
+    classes = dict(ddpm=diffusers.DDPMScheduler, euler_ancestral=diffusers.EulerAncestralDiscreteScheduler,
+                   pndm=diffusers.PNDMScheduler, **{m: cls for m, (cls, _) in ODE_SAMPLERS.items()})
+    assert set(classes) == set(sampling.METHODS)
     for method, cls in classes.items():
         assert sampling.DEFAULT_SPACING[method] == cls().config.timestep_spacing, method
 
@@ -506,3 +508,24 @@ def test_euler_ancestral_trajectory_matches_diffusers(monkeypatch, spacing, num_
     with pytest.raises(ValueError, match="euler_ancestral is stochastic"):
         sampling.sample(jax_model, SCHEDULES["scaled_linear"], jnp.asarray(x_T), method="euler_ancestral",
                         num_steps=num_steps)
+
+
+@pytest.mark.parametrize("spacing,num_steps,prediction,offset,alpha_to_one", [
+    ("leading", 10, "eps", 1, False), ("leading", 25, "v", 0, True), ("linspace", 7, "eps", 0, False),
+    ("trailing", 12, "v", 0, False), ("leading", 2, "eps", 1, False), ("leading", 1, "eps", 1, False)])
+def test_pndm_matches_diffusers(spacing, num_steps, prediction, offset, alpha_to_one):
+    """PNDMScheduler with skip_prk_steps (Stable Diffusion 1.x's scheduler): the same images, and
+    num_steps + 1 model calls (one for a single step)."""
+    d = diffusers.PNDMScheduler(**SCHED_KW["scaled_linear"], skip_prk_steps=True, set_alpha_to_one=alpha_to_one,
+                                steps_offset=offset, timestep_spacing=spacing, prediction_type=DIFFUSERS_PRED[prediction])
+    x_T = noise(num_steps)
+    ref, calls = run_diffusers(d, x_T, num_steps)
+    final = None if alpha_to_one else float(SCHEDULES["scaled_linear"].alphas_cumprod[0])
+    ours = sampling.sample(jax_model, SCHEDULES["scaled_linear"], jnp.asarray(x_T), method="pndm",
+                           num_steps=num_steps, timestep_spacing=spacing, steps_offset=offset, prediction=prediction,
+                           final_alpha_cumprod=final)
+    assert rel_err(ours, ref, "pndm") < TOL
+    assert calls == (num_steps + 1 if num_steps > 1 else 1)
+    with pytest.raises(ValueError, match="pndm takes eps or v predictions"):
+        sampling.sample(jax_model, SCHEDULES["scaled_linear"], jnp.asarray(x_T), method="pndm", num_steps=3,
+                        prediction="x0")

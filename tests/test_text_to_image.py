@@ -120,7 +120,8 @@ def _theirs(pipe, scheduler=None, **kw):
 def test_loads_folder(sd, sd_folder):
     assert sd.scheduler == t2i.SchedulerConfig(
         beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction="eps",
-        timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False)
+        timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False, scheduler_class="DDIMScheduler",
+        method="ddim")
     assert sd.default_size == SIZE and sd.vae_scale_factor == 2 and sd.scaling_factor == pytest.approx(0.18215)
     assert sorted(os.listdir(os.path.join(sd_folder, "tokenizer"))) == ["tokenizer.json", "tokenizer_config.json"]
     ref = transformers.CLIPTokenizer.from_pretrained(os.path.join(sd_folder, "tokenizer"))
@@ -136,7 +137,9 @@ def test_sd15_hub_layout(tmp_path):
            "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
            "clip_sample": False}
     cfg = t2i.SchedulerConfig.from_diffusers(hub)
-    assert cfg == t2i.SchedulerConfig(steps_offset=1, set_alpha_to_one=False)  # eps, spacing per method
+    assert cfg == t2i.SchedulerConfig(steps_offset=1, set_alpha_to_one=False,  # eps, spacing per method
+                                      scheduler_class="PNDMScheduler", method="pndm")
+    assert t2i.SchedulerConfig.from_diffusers({**hub, "skip_prk_steps": False}).method is None  # no PRK warm-up
     ref = diffusers.DDIMScheduler.from_config(hub)
     np.testing.assert_allclose(t2i.build_schedule(cfg).alphas_cumprod, ref.alphas_cumprod.numpy(), rtol=1e-6)
     with pytest.raises(ValueError, match="prediction_type"):
@@ -234,3 +237,24 @@ def test_txt2img_cli_function(sd, sd_folder, tmp_path):
     again, _ = run_txt2img(sd, "a photo of a cat", num=2, steps=STEPS, guidance=GUIDANCE, sampler="ddim",
                            seed=0, out=None)
     np.testing.assert_array_equal(again, images)  # same seed, same images
+
+
+def test_no_sampler_given_uses_the_folders_scheduler(sd, ref_pipe):
+    """Stable Diffusion 1.x folders name PNDMScheduler (skip_prk_steps, set_alpha_to_one=False):
+    with no method, jaxdiff samples with PNDM and matches diffusers' pipeline with that scheduler."""
+    import dataclasses
+
+    pndm = {**ref_pipe.saved_scheduler_config, "_class_name": "PNDMScheduler", "skip_prk_steps": True}
+    sd_pndm = dataclasses.replace(sd, scheduler=t2i.SchedulerConfig.from_diffusers(pndm))
+    assert sd_pndm.scheduler.method == "pndm"
+    ours = _ours(sd_pndm, method=None)
+    ref_pipe.scheduler = diffusers.PNDMScheduler.from_config(pndm)
+    try:
+        theirs = _theirs(ref_pipe)
+    finally:
+        ref_pipe.scheduler = diffusers.DDIMScheduler.from_config(ref_pipe.saved_scheduler_config)
+    assert _rel(ours, theirs) < 1e-5
+    assert _rel(ours, _ours(sd_pndm, method="ddim")) > 1e-3  # a different sampler gives other images
+    no_match = dataclasses.replace(sd, scheduler=t2i.SchedulerConfig.from_diffusers({**pndm, "skip_prk_steps": False}))
+    with pytest.raises(ValueError, match=r"The folder's scheduler \(PNDMScheduler\) has no jaxdiff sampler"):
+        _ours(no_match, method=None)
