@@ -30,7 +30,7 @@ def imports():
             path = os.path.join(d, f)
             rel = os.path.relpath(path, pkg_dir)[:-3].split(os.sep)
             room = rel[0]
-            if room == "__init__":
+            if room == "__init__" or f == "__main__.py":  # a package's CLI is an entry point, above every room
                 continue
             package = ["jaxdiff", *rel[:-1]] if f != "__init__.py" else ["jaxdiff", *rel[:-1]]
             for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):

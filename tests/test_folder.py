@@ -133,6 +133,7 @@ def test_bad_folders_give_one_line(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("xla_o0")
 def test_a_class_folder_trains(class_folder, tmp_path):
     from _testutil import override
     from experiments.configs import ddpm_digits
