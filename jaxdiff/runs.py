@@ -16,7 +16,9 @@ from jaxdiff import parallel
 from jaxdiff.models import DiffusionModel
 from jaxdiff.schedules import Schedule
 from jaxdiff.train.build import build_model, build_schedule, load_vae
-from jaxdiff.train.checkpoint import Checkpointer
+from jaxdiff.train.checkpoint import CheckpointError, Checkpointer
+
+__all__ = ["CheckpointError", "Run", "load_run"]  # CheckpointError: what load_run raises for a broken run
 
 
 @dataclasses.dataclass

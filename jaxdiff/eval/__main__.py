@@ -92,7 +92,7 @@ def _bpd(args, fail) -> int:
         return fail("--bpd needs --workdir RUN (a trained pixel-space run).")
     from jaxdiff import parallel, runs
     from jaxdiff.eval.bpd import dataset_bpd
-    from jaxdiff.train.checkpoint import CheckpointError
+    from jaxdiff.runs import CheckpointError
 
     try:
         run = runs.load_run(args.workdir)
