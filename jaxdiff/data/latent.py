@@ -36,6 +36,8 @@ class LatentDataset:
         self.annotation_keys = tuple(getattr(images, "annotation_keys", ()))
         self._mean = np.empty((self.num_examples, *self.image_shape), np.float32)
         self._std = np.empty_like(self._mean)
+        self._labels = np.zeros((self.num_examples,), np.int32)
+        self._annotations: dict[str, np.ndarray] = {}  # filled with the latents: each image is read once
         self._encoded = np.zeros((self.num_examples,), bool)
 
     def __repr__(self) -> str:
@@ -46,13 +48,23 @@ class LatentDataset:
     def latents(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Scaled posterior ``(mean, std)`` of examples ``indices``: float32 [n, h, w, c] each,
         encoding those not encoded yet."""
-        indices = np.asarray(indices, np.int64)
-        missing = np.unique(indices[~self._encoded[indices]])
-        if missing.size:
-            mean, std = self.autoencoder.encode(self.images.examples(missing)[0])
-            self._mean[missing], self._std[missing] = mean, std
-            self._encoded[missing] = True
+        self._encode(np.asarray(indices, np.int64))
         return self._mean[indices], self._std[indices]
+
+    def _encode(self, indices: np.ndarray) -> None:
+        """Read (once) and encode the examples of ``indices`` not encoded yet, keeping their labels
+        and annotations beside the latents."""
+        missing = np.unique(indices[~self._encoded[indices]])
+        if not missing.size:
+            return
+        pixels, labels, annotations = self.images.read(missing)
+        self._mean[missing], self._std[missing] = self.autoencoder.encode(pixels)
+        self._labels[missing] = labels
+        for k, v in annotations.items():
+            if k not in self._annotations:
+                self._annotations[k] = np.empty((self.num_examples,), v.dtype if v.dtype.kind != "U" else object)
+            self._annotations[k][missing] = v
+        self._encoded[missing] = True
 
     def batch(self, step: int, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """``{'image': float32 [B, h, w, c] scaled latents, 'label': int32 [B]}`` (no label if unconditional),
@@ -70,9 +82,10 @@ class LatentDataset:
             z = z + std * (eps if rows is None else eps[np.asarray(rows)])
         out = {"image": z}
         if self.num_classes is not None:
-            out["label"] = self.images.examples(idx)[1]
-        if self.annotation_keys:  # captions (str) and attribute ids, as ImageDataset
-            out.update(self.images.annotations(idx))
+            out["label"] = self._labels[idx]
+        for k in self.annotation_keys:  # captions (str) and attribute ids, as ImageDataset
+            v = self._annotations[k][idx]
+            out[k] = v.astype(str) if v.dtype == object else v
         return out
 
     def iterate(self, start_step: int = 0, prefetch: int = 0, rows: np.ndarray | None = None):

@@ -266,8 +266,13 @@ class ImageDataset:
 
     def annotations(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         """The ``annotation_keys`` of examples by index: ``{key: str [n] or int32 [n]}``."""
-        return {k: (v.astype(str) if self._is_text[k] else v)
-                for k, v in self._examples(indices)[2].items()}
+        return self.read(indices)[2]
+
+    def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """Images, labels and annotations of examples by index, from one read of each:
+        ``(uint8 [n, H, W, C], int32 [n], {key: str [n] or int32 [n]})``."""
+        images, labels, annotations = self._examples(indices)
+        return images, labels, {k: (v.astype(str) if self._is_text[k] else v) for k, v in annotations.items()}
 
     # -- order ---------------------------------------------------------------------------------
     def _permutation(self, epoch: int) -> np.ndarray:
