@@ -31,7 +31,7 @@ import pytest
 from jaxdiff import parallel
 from jaxdiff.train import build
 from jaxdiff.train import loop
-from jaxdiff.train.checkpoint import Checkpointer
+from jaxdiff.train.checkpoint import CheckpointError, Checkpointer
 from jaxdiff.train.step import create_train_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -298,6 +298,15 @@ def test_unreadable_checkpoint_is_reported_set_aside_and_an_older_one_resumed(re
     assert {os.path.relpath(os.path.join(r, f), kept): os.path.getsize(os.path.join(r, f))
             for r, _, fs in os.walk(kept) for f in fs} == sizes
     assert_same_training(ref, wd)
+    # When no checkpoint is readable the run stops (it never restarts from scratch over a run).
+    only = copy_run(ref, tmp_path / "all_broken", keep_up_to=6)
+    for root, _, files in os.walk(only / "checkpoints" / "6"):
+        for f in files:
+            with open(os.path.join(root, f), "r+b") as fh:
+                fh.truncate(0)
+    with pytest.raises(CheckpointError, match="No checkpoint in .* could be read; moved aside"):
+        loop.train(override(ddpm_digits.get_config(), TINY), str(only))
+    assert os.listdir(only / "checkpoints.corrupt") == ["6"] and not Checkpointer(str(only), read_only=True).all_steps()
 
 
 def test_vae_and_text_to_image_jobs_train_and_sample_on_two_processes(runs, data_dir):

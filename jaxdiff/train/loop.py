@@ -135,11 +135,12 @@ def _init_or_restore(ckpt: Checkpointer, init_state, state_shardings, meta: dict
     ``checkpoints.corrupt/`` (never deleted) and the next older one is tried."""
     abstract = jax.eval_shape(init_state)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings)
+    unreadable = []
     for step in sorted(ckpt.all_steps(), reverse=True):
         try:
             saved = ckpt.restore_meta(step)
         except Exception as e:
-            _set_aside(ckpt, step, e)
+            unreadable.append(_set_aside(ckpt, step, e))
             continue
         for key in keys:
             if saved.get(key) != meta.get(key):
@@ -151,23 +152,27 @@ def _init_or_restore(ckpt: Checkpointer, init_state, state_shardings, meta: dict
         try:
             state, _ = ckpt.restore(target, step)
         except CheckpointError as e:
-            _set_aside(ckpt, step, e.__cause__ or e)
+            unreadable.append(_set_aside(ckpt, step, e.__cause__ or e))
             continue
         if parallel.is_writer():
             print(f"Resuming from checkpoint step {int(state.step)} in {ckpt.directory}", flush=True)
         return state
+    if unreadable:  # never silently restart a run whose every checkpoint failed to read (a full disk, ...)
+        raise CheckpointError(
+            f"No checkpoint in {ckpt.directory} could be read; moved aside (kept): {', '.join(unreadable)}. "
+            "Move one back once it is readable to resume, or use a new --workdir to start over.")
     return jax.jit(init_state, out_shardings=state_shardings)()
 
 
-def _set_aside(ckpt: Checkpointer, step: int, error: BaseException) -> None:
+def _set_aside(ckpt: Checkpointer, step: int, error: BaseException) -> str:
     path = os.path.join(ckpt.directory, str(step))
     moved = ckpt.set_aside(step)
     older = [s for s in ckpt.all_steps() if s < step]
     if parallel.is_writer():
         why = " ".join(str(error).split())[:200]
         print(f"warning: checkpoint step {step} at {path} is unreadable ({type(error).__name__}: {why}); moved it to "
-              f"{moved} (kept, not deleted) and " + (f"trying step {max(older)}." if older else "starting from scratch."),
-              flush=True)
+              f"{moved} (kept, not deleted)" + (f" and trying step {max(older)}." if older else "."), flush=True)
+    return moved
 
 
 def _train_diffusion(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
