@@ -139,8 +139,7 @@ def _png(image: np.ndarray) -> bytes:
 
 def _builder_class(layout: dict, image_size: int, fp: str):
     builder_name = f"folder_{fp}"
-    decoded = []  # (index, png bytes) of the files that decode; filled once, in _split_generators
-    skipped: list[str] = []
+    skipped: list[str] = []  # files that did not decode, filled while the examples are written
 
     class Folder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         name = builder_name
@@ -163,24 +162,27 @@ def _builder_class(layout: dict, image_size: int, fp: str):
 
         def _split_generators(self, dl_manager):
             del dl_manager
-            for i, rel in enumerate(layout["files"]):
-                try:
-                    decoded.append((i, _png(load_image(os.path.join(layout["path"], rel), image_size))))
-                except Exception as e:  # corrupt, truncated or not an image at all: listed and skipped
-                    skipped.append(f"{rel} ({type(e).__name__})")
-            if not decoded:
-                raise FolderError(f"none of the {len(layout['files'])} image files in {layout['path']} could be "
-                                  f"read (e.g. {skipped[0]}).")
             return {"train": self._generate_examples()}
 
         def _generate_examples(self) -> Iterator[tuple[int, dict]]:
-            for i, png in decoded:
-                ex = {"image": png, "file": layout["files"][i], "index": i}
+            """One image decoded at a time (a large folder never sits in memory)."""
+            written = 0
+            for i, rel in enumerate(layout["files"]):
+                try:
+                    png = _png(load_image(os.path.join(layout["path"], rel), image_size))
+                except Exception as e:  # corrupt, truncated or not an image at all: listed and skipped
+                    skipped.append(f"{rel} ({type(e).__name__})")
+                    continue
+                written += 1
+                ex = {"image": png, "file": rel, "index": i}
                 if layout["class_names"] is not None:
                     ex["label"] = layout["labels"][i]
                 if layout["captions"] is not None:
                     ex["caption"] = layout["captions"][i]
                 yield i, ex
+            if not written:  # the build fails; its temporary folder is removed
+                raise FolderError(f"none of the {len(layout['files'])} image files in {layout['path']} could be "
+                                  f"read (e.g. {skipped[0]}).")
 
     return Folder, builder_name, skipped
 
