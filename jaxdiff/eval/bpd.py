@@ -9,7 +9,8 @@ discretised decoder term), averaged over every example of the split.
 Every batch runs :func:`jaxdiff.diffusion.calc_bpd` (all T timesteps in one ``lax.scan``) on the
 run's EMA params, split over the mesh the params live on (all devices, every process; a short last
 batch is padded and the padding dropped). Batch ``i`` draws its noise from ``fold_in(key, i)``, so
-the figure does not depend on the number of devices. A class-conditional model is scored given each
+the figure does not depend on the number of devices; each process reads only its rows of a batch.
+A class-conditional model is scored given each
 example's true label (the conditional likelihood).
 """
 from __future__ import annotations
@@ -60,20 +61,21 @@ def dataset_bpd(run, *, split: str = "test", batch_size: int = 100, key: Optiona
                       cache_in_memory=False)
     key = jax.random.key(0) if key is None else key
     sharding = jax.tree.leaves(run.params)[0].sharding
-    devices = parallel.batch_devices(sharding.mesh) if isinstance(sharding, jax.sharding.NamedSharding) else 1
+    mesh = sharding.mesh if isinstance(sharding, jax.sharding.NamedSharding) else None
+    devices = 1 if mesh is None else parallel.batch_devices(mesh)
     size = -(-batch_size // devices) * devices
+    rows = np.arange(size) if mesh is None else parallel.host_rows(size, mesh)  # this process reads only these
     fn = _bpd_fn(model, config.diffusion.prediction)
     sums = {"bpd": 0.0, "prior_bpd": 0.0, "decoder_bpd": 0.0}
     n = ds.num_examples
     bar = tqdm(total=n, desc=f"bpd {split}", disable=not (progress and parallel.is_writer()), dynamic_ncols=True)
     for i, lo in enumerate(range(0, n, size)):
         idx = np.minimum(np.arange(lo, lo + size), n - 1)  # the last batch padded with its last example
-        images, labels = ds.examples(idx)
-        x0 = images.astype(np.float32) / 127.5 - 1.0
-        if isinstance(sharding, jax.sharding.NamedSharding):
-            x0 = parallel.shard_batch(x0, sharding.mesh)
-        out = parallel.to_host(fn(run.params, run.schedule, x0, labels if model.conditional else None,
-                                  jax.random.fold_in(key, i)))
+        images, labels = ds.examples(idx[rows])
+        batch = {"x0": images.astype(np.float32) / 127.5 - 1.0, "labels": labels if model.conditional else None}
+        if mesh is not None:
+            batch = parallel.global_batch(batch, rows, size, mesh)
+        out = parallel.to_host(fn(run.params, run.schedule, batch["x0"], batch["labels"], jax.random.fold_in(key, i)))
         m = min(size, n - lo)
         sums["bpd"] += float(np.sum(out["total_bpd"][:m], dtype=np.float64))
         sums["prior_bpd"] += float(np.sum(out["prior_bpd"][:m], dtype=np.float64))
