@@ -1,0 +1,1 @@
+"""Reference implementations vendored for the tests (see each file's header)."""
