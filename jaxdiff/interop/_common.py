@@ -3,8 +3,8 @@
 PyTorch state dicts name tensors ``"down_blocks.0.resnets.1.conv1.weight"``; our params are nested
 dicts whose flattened paths are tuples such as ``("down_blocks_0", "resnets_1", "conv1",
 "kernel")``. Here: flattening / filling nested params, the generic diffusers key <-> path mapping
-(``a.N.b`` <-> ``a_N/b``, ``to_out.0`` <-> ``to_out``, legacy attention names), torch -> Flax
-kernel layouts, the expected parameter shapes of a module (abstractly, via ``jax.eval_shape``),
+(``a.N.b`` <-> ``a_N/b``, ``to_out.0`` <-> ``to_out``, legacy attention names), torch <-> Flax
+kernel layouts (and :func:`params_to_state_dict`, the way back used by the exporters), the expected parameter shapes of a module (abstractly, via ``jax.eval_shape``),
 and the checks that every tensor fills exactly one parameter of the right shape, with one
 ValueError listing every missing, unexpected, doubly-mapped or mis-shaped key.
 
@@ -62,6 +62,17 @@ def torch_kernel_to_flax(w: np.ndarray) -> np.ndarray:
     return w
 
 
+def flax_kernel_to_torch(w: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`torch_kernel_to_flax`: conv HWIO -> OIHW (4-D), (in, out) -> (out, in)
+    (2-D), as contiguous arrays; other ranks are returned unchanged."""
+    w = np.asarray(w)
+    if w.ndim == 4:
+        return np.ascontiguousarray(np.transpose(w, (3, 2, 0, 1)))
+    if w.ndim == 2:
+        return np.ascontiguousarray(w.T)
+    return np.ascontiguousarray(w)
+
+
 def convert_leaf(w: np.ndarray, leaf: str) -> np.ndarray:
     """A torch tensor -> our float32 leaf: kernels re-laid out (:func:`torch_kernel_to_flax`),
     biases / scales / embeddings only cast."""
@@ -72,6 +83,32 @@ def convert_leaf(w: np.ndarray, leaf: str) -> np.ndarray:
 def torch_tensor_name(leaf: str) -> str:
     """Our leaf name -> the torch tensor name (kernel / scale / embedding -> weight)."""
     return {"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(leaf, leaf)
+
+
+def params_to_state_dict(params: Mapping, to_key: Callable[[tuple], str], *,
+                         convert: Optional[Callable[[np.ndarray, tuple], np.ndarray]] = None,
+                         dtype: Any = np.float32) -> dict:
+    """Nested params -> a torch-layout state dict ``{key: contiguous np.ndarray}`` (the way back
+    of :func:`convert_checked`).
+
+    ``to_key(path)`` names each parameter (e.g. :func:`path_to_diffusers_key`); ``convert(w,
+    path)`` makes the tensor (default: ``kernel`` leaves re-laid out by
+    :func:`flax_kernel_to_torch`, every other leaf as is). Arrays are cast to ``dtype``
+    (jax arrays are fetched to the host). Two paths naming one key raise ValueError.
+    """
+    out: dict = {}
+    source: dict = {}
+    for path, w in sorted(flatten_params(params).items()):
+        key = to_key(path)
+        if key in out:
+            raise ValueError(f"params_to_state_dict: {'/'.join(source[key])} and {'/'.join(path)} "
+                             f"both map to {key!r}")
+        w = np.asarray(w)
+        t = (convert(w, path) if convert is not None
+             else flax_kernel_to_torch(w) if path[-1] == "kernel" else w)
+        out[key] = np.ascontiguousarray(t, dtype=dtype)
+        source[key] = path
+    return out
 
 
 # ------------------------------------------------------------------------------ names
@@ -107,7 +144,7 @@ def diffusers_key_to_path(key: str, *, indexed: Iterable[str], norms: Iterable[s
 
 
 def path_to_diffusers_key(path: tuple, *, indexed: Iterable[str]) -> str:
-    """Inverse of :func:`diffusers_key_to_path` (current names), for error messages."""
+    """Inverse of :func:`diffusers_key_to_path` (current names): error messages and export."""
     *mods, leaf = path
     pattern = re.compile(r"(%s)_(\d+)" % "|".join(indexed))
     parts = []

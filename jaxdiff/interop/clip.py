@@ -1,4 +1,4 @@
-"""transformers ``CLIPTextModel`` -> :class:`jaxdiff.nn.text.CLIPTextTransformer`.
+"""transformers ``CLIPTextModel`` <-> :class:`jaxdiff.nn.text.CLIPTextTransformer`.
 
     module, params = load_transformers_clip_text("stable-diffusion-v1-5/text_encoder")
     last, pooled = module.apply({"params": params}, input_ids, attention_mask)
@@ -8,6 +8,13 @@ embedding. Keys may carry the ``text_model.`` prefix (transformers 4.x, SD folde
 (transformers 5.x). The ``embeddings.position_ids`` buffer is ignored. NumPy only: weights are
 read with safetensors (any float dtype, bf16 included, converted to float32); pickled ``.bin``
 checkpoints are refused.
+
+The way back (export; :mod:`jaxdiff.interop.export` writes the folder): the module has
+transformers' architecture exactly (pre-LN causal blocks, key-padding mask, pooling at the
+first eos id, or argmax of ids for ``eos_token_id == 2``), so
+
+    config = clip_text_config_to_transformers(module, bos_token_id=..., pad_token_id=...)
+    state_dict = clip_text_params_to_transformers(params)   # "text_model."-prefixed keys
 """
 from __future__ import annotations
 
@@ -19,8 +26,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from jaxdiff.interop._common import (compare_shapes, mismatch_error, set_param,
-                                     torch_kernel_to_flax, torch_tensor_name)
+from jaxdiff.interop._common import (compare_shapes, flatten_params, mismatch_error,
+                                     params_to_state_dict, set_param, torch_kernel_to_flax,
+                                     torch_tensor_name)
 
 _DEFAULTS = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
                  num_attention_heads=8, max_position_embeddings=77, layer_norm_eps=1e-5,
@@ -253,3 +261,53 @@ def load_transformers_clip_text(folder: str, dtype: Any = None,
     module = CLIPTextTransformer(**kwargs, dtype=jnp.float32 if dtype is None else dtype,
                                  implementation=implementation)
     return module, params
+
+
+# ---------------------------------------------------------------------------------------------
+# The way back: CLIPTextTransformer -> transformers CLIPTextModel.
+
+def clip_text_config_to_transformers(module: Any, *, bos_token_id: int,
+                                     pad_token_id: int) -> dict:
+    """The transformers ``CLIPTextConfig`` dict (config.json of a ``CLIPTextModel`` folder) of
+    a :class:`~jaxdiff.nn.text.CLIPTextTransformer`; the token ids come from its tokenizer
+    (``eos_token_id`` is the module's own: it picks the pooled position).
+    Inverse of :func:`clip_text_config_from_transformers`."""
+    cfg = dict(
+        architectures=["CLIPTextModel"],
+        model_type="clip_text_model",
+        vocab_size=int(module.vocab_size),
+        hidden_size=int(module.hidden_size),
+        intermediate_size=int(module.intermediate_size),
+        num_hidden_layers=int(module.num_layers),
+        num_attention_heads=int(module.num_heads),
+        max_position_embeddings=int(module.max_position_embeddings),
+        hidden_act=str(module.hidden_act),
+        layer_norm_eps=float(module.layer_norm_eps),
+        attention_dropout=0.0,
+        bos_token_id=int(bos_token_id),
+        eos_token_id=int(module.eos_token_id),
+        pad_token_id=int(pad_token_id),
+        torch_dtype="float32",
+    )
+    clip_text_config_from_transformers(cfg)  # what we write, we can read
+    return cfg
+
+
+def clip_text_params_to_transformers(params: Mapping, config: Optional[Mapping[str, Any]] = None,
+                                     *, prefix: str = "text_model.") -> dict:
+    """CLIPTextTransformer params -> a ``CLIPTextModel`` state dict (float32 NumPy, Linear
+    weights (out, in)), keys with ``prefix`` (``"text_model."``: the layout of Stable Diffusion
+    folders, which transformers 4.x and 5.x both load; ``""``: transformers 5's own).
+
+    With ``config`` (the config.json dict) the params are checked by name and shape against it
+    first (ValueError lists every difference)."""
+    if config is not None:
+        want = _expected_shapes(clip_text_config_from_transformers(config))
+        got = {p: tuple(np.shape(w)) for p, w in flatten_params(params).items()}
+        missing, extra, bad = compare_shapes(got, want, {p: "/".join(p) for p in got},
+                                             lambda p: "/".join(p))
+        err = mismatch_error("clip_text_params_to_transformers: params do not match the "
+                             "config:", missing=missing, unexpected=extra, shape=bad)
+        if err is not None:
+            raise err
+    return params_to_state_dict(params, lambda p: prefix + _torch_name(p))

@@ -1,4 +1,4 @@
-"""diffusers ``UNet2DModel`` -> :class:`jaxdiff.nn.UNet` (config and weights).
+"""diffusers ``UNet2DModel`` <-> :class:`jaxdiff.nn.UNet` (config and weights, both ways).
 
     from safetensors.numpy import load_file
     kwargs = unet_config_from_diffusers(json.load(open("unet/config.json")))
@@ -10,6 +10,11 @@ Weights: conv OIHW -> HWIO, linear (out, in) -> (in, out), GroupNorm weight -> s
 embedding weight -> embedding. Both the current attention names (to_q/to_k/to_v/to_out.0) and
 the legacy ones (query/key/value/proj_attn, as stored in google/ddpm-* checkpoints) are accepted.
 No torch here: the state dict holds NumPy arrays (any float dtype; converted to float32).
+
+The way back (export, :mod:`jaxdiff.interop.export` writes the folder):
+
+    config = unet_config_to_diffusers(UNet(...), sample_size=32, in_channels=3)
+    state_dict = unet_params_to_diffusers(params, config)   # current names, float32, OIHW
 """
 from __future__ import annotations
 
@@ -20,8 +25,9 @@ from typing import Any, Optional
 import numpy as np
 
 from jaxdiff.interop._common import (LEGACY_ATTENTION, abstract_param_shapes, check_fixed_options,
-                                     compare_shapes, flatten_params, mismatch_error, set_param,
-                                     torch_kernel_to_flax, torch_tensor_name)
+                                     compare_shapes, flatten_params, mismatch_error,
+                                     params_to_state_dict, set_param, torch_kernel_to_flax,
+                                     torch_tensor_name)
 
 _DOWN, _UP = "DownBlock2D", "UpBlock2D"
 _ATTN_DOWN, _ATTN_UP = "AttnDownBlock2D", "AttnUpBlock2D"
@@ -281,3 +287,109 @@ def unet_params_from_diffusers(state_dict: Mapping[str, np.ndarray],
         if err is not None:
             raise err
     return params
+
+
+# ---------------------------------------------------------------------------------------------
+# The way back: our UNet -> diffusers UNet2DModel.
+
+def unet_config_to_diffusers(module: Any, sample_size, in_channels: int) -> dict:
+    """The diffusers ``UNet2DModel`` config dict of a :class:`~jaxdiff.nn.UNet` (its fields).
+
+    ``sample_size``: the input height (an int for square inputs, or ``(H, W)``): our attention
+    sits where the feature-map height is in ``attn_resolutions``, diffusers' at fixed levels,
+    so the levels are resolved here for that size. ``in_channels``: the input channels (the
+    UNet infers them from its input).
+
+    Class conditioning: our table has ``num_classes + 1`` rows, the last the null label of
+    classifier-free guidance, so ``num_class_embeds = num_classes + 1`` and diffusers'
+    ``class_labels = num_classes`` is our null label (``y=None``); diffusers has no default
+    label, so callers pass it explicitly.
+
+    Heads: one head per attention (``num_heads=1``, no ``head_dim``) is diffusers'
+    ``attention_head_dim=None``; ``head_dim`` is ``attention_head_dim``; ``num_heads > 1``
+    is exported when every attention level (the middle included) then has the same head
+    width, else ValueError (diffusers fixes the width, not the count). Inverse of
+    :func:`unet_config_from_diffusers` (the test round-trips both).
+    """
+    def err(msg):
+        return ValueError(f"unet_config_to_diffusers: {msg}")
+
+    hw = (int(sample_size),) * 2 if isinstance(sample_size, (int, np.integer)) else \
+        tuple(int(s) for s in sample_size)
+    ch, mult = int(module.ch), tuple(int(m) for m in module.ch_mult)
+    n = len(mult)
+    boc = [ch * m for m in mult]
+    f = 2 ** (n - 1)
+    if len(hw) != 2 or hw[0] % f or hw[1] % f:
+        raise err(f"sample_size {sample_size} must be divisible by 2**(levels-1) = {f}")
+    heights = [hw[0] // 2 ** l for l in range(n)]
+    attn_res = tuple(int(r) for r in module.attn_resolutions)
+    stray = [r for r in attn_res if r not in heights]
+    if stray:
+        raise err(f"attn_resolutions {stray} match no feature-map height for sample_size "
+                  f"{sample_size} (level heights {heights})")
+    attn = [h in attn_res for h in heights]
+    down = [_ATTN_DOWN if a else _DOWN for a in attn]
+    up = [_ATTN_UP if attn[n - 1 - i] else _UP for i in range(n)]
+
+    if module.head_dim:
+        head_dim = int(module.head_dim)
+    elif int(module.num_heads) == 1:
+        head_dim = None  # diffusers: one head as wide as the channels, at every level
+    else:
+        widths = {boc[l] // int(module.num_heads) for l in range(n) if attn[l]} | {
+            boc[-1] // int(module.num_heads)}
+        if len(widths) != 1 or any(boc[l] % int(module.num_heads) for l in range(n)):
+            raise err(f"num_heads={module.num_heads} gives heads of widths {sorted(widths)} over "
+                      f"the attention levels (channels {boc}); diffusers' UNet2DModel fixes one "
+                      "head width (attention_head_dim) for every level")
+        head_dim = widths.pop()
+    num_classes = module.num_classes
+    return dict(
+        _class_name="UNet2DModel",
+        sample_size=hw[0] if hw[0] == hw[1] else list(hw),
+        in_channels=int(in_channels),
+        out_channels=int(module.out_channels or in_channels),
+        center_input_sample=False,
+        time_embedding_type="positional",
+        freq_shift=int(module.freq_shift),
+        flip_sin_to_cos=bool(module.flip_sin_to_cos),
+        down_block_types=down,
+        mid_block_type="UNetMidBlock2D",
+        up_block_types=up,
+        block_out_channels=boc,
+        layers_per_block=int(module.num_res_blocks),
+        mid_block_scale_factor=1,
+        downsample_padding=int(module.downsample_padding),
+        downsample_type="conv",
+        upsample_type="conv",
+        dropout=float(module.dropout),
+        act_fn="silu",
+        attention_head_dim=head_dim,
+        norm_num_groups=int(module.num_groups),
+        attn_norm_num_groups=None,
+        norm_eps=float(module.norm_eps),
+        resnet_time_scale_shift="default",
+        add_attention=True,
+        class_embed_type=None,
+        num_class_embeds=None if num_classes is None else int(num_classes) + 1,
+    )
+
+
+def unet_params_to_diffusers(params: Mapping, config: Mapping[str, Any]) -> dict:
+    """UNet params (nested, as :func:`unet_params_from_diffusers` returns or training makes)
+    -> a diffusers ``UNet2DModel`` state dict of float32 NumPy arrays in torch layout, with the
+    current attention names (to_q/to_k/to_v/to_out.0, Linear weights).
+
+    ``config``: the diffusers config (:func:`unet_config_to_diffusers`); the params are checked
+    by name and shape against it first (ValueError listing every difference)."""
+    num_levels = len(config["block_out_channels"])
+    want = _expected_shapes(config)
+    got = {p: tuple(np.shape(w)) for p, w in flatten_params(params).items()}
+    names = {p: "/".join(p) for p in got}
+    missing, extra, shape = compare_shapes(got, want, names, lambda p: "/".join(p))
+    err = mismatch_error("unet_params_to_diffusers: params do not match the config:",
+                         missing=missing, unexpected=extra, shape=shape)
+    if err is not None:
+        raise err
+    return params_to_state_dict(params, lambda p: _diffusers_name(p, num_levels))

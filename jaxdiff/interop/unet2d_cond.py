@@ -1,4 +1,4 @@
-"""diffusers ``UNet2DConditionModel`` -> :class:`jaxdiff.nn.unet_cond.UNetCondition`.
+"""diffusers ``UNet2DConditionModel`` <-> :class:`jaxdiff.nn.unet_cond.UNetCondition`.
 
     unet, params = load_unet2d_condition("stable-diffusion-v1-5", subfolder="unet")
     eps = unet.apply({"params": params}, z_nhwc, t, text_hidden_states, text_mask)
@@ -13,6 +13,11 @@ Weights: conv OIHW -> HWIO (1x1-conv projections stay [1, 1, C_in, C_out]), line
 ``a_N/b`` and ``to_out.0`` becomes ``to_out``. Every diffusers tensor must fill exactly one
 parameter of the expected shape and every parameter must be filled, else ValueError names the
 diffusers keys. Only safetensors is read; no torch here.
+
+The way back (export; :mod:`jaxdiff.interop.export` writes the folder):
+
+    config = unet2d_condition_config_to_diffusers(UNetCondition(...), sample_size=8)
+    state_dict = unet2d_condition_params_to_diffusers(params, config)  # float32, torch layout
 """
 from __future__ import annotations
 
@@ -21,8 +26,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from jaxdiff.interop._common import (abstract_param_shapes, check_fixed_options, convert_checked,
-                                     diffusers_key_to_path, path_to_diffusers_key)
+from jaxdiff.interop._common import (abstract_param_shapes, check_fixed_options, compare_shapes,
+                                     convert_checked, diffusers_key_to_path, flatten_params,
+                                     mismatch_error, params_to_state_dict, path_to_diffusers_key)
 from jaxdiff.interop.safetensors_io import read_diffusers_folder
 
 _DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -232,3 +238,71 @@ def load_unet2d_condition(folder: str, *, subfolder: Optional[str] = None,
     module = UNetCondition(**kwargs, dtype=jnp.float32 if dtype is None else dtype, remat=remat,
                            attention_implementation=attention_implementation)
     return module, params
+
+
+# ---------------------------------------------------------------------------------------------
+# The way back: UNetCondition -> diffusers UNet2DConditionModel.
+
+def _json_levels(v):
+    return [int(e) for e in v] if isinstance(v, (list, tuple)) else int(v)
+
+
+def unet2d_condition_config_to_diffusers(module: Any, sample_size: Optional[int] = None) -> dict:
+    """The diffusers ``UNet2DConditionModel`` config dict of a
+    :class:`~jaxdiff.nn.unet_cond.UNetCondition` (its fields; ``dtype``, ``remat`` and
+    ``attention_implementation`` are how it computes, not what). ``sample_size``: the default
+    latent height diffusers pipelines use (only a default; None leaves diffusers' 64).
+    Inverse of :func:`unet2d_condition_config_from_diffusers`."""
+    n = len(module.block_out_channels)
+    cfg = dict(
+        _class_name="UNet2DConditionModel",
+        in_channels=int(module.in_channels),
+        out_channels=int(module.out_channels),
+        center_input_sample=False,
+        flip_sin_to_cos=bool(module.flip_sin_to_cos),
+        freq_shift=int(module.freq_shift),
+        down_block_types=list(module.down_block_types),
+        mid_block_type=module.mid_block_type,
+        up_block_types=list(module.up_block_types),
+        only_cross_attention=False,
+        block_out_channels=[int(c) for c in module.block_out_channels],
+        layers_per_block=_json_levels(module.layers_per_block),
+        downsample_padding=int(module.downsample_padding),
+        mid_block_scale_factor=1,
+        dropout=float(module.dropout),
+        act_fn="silu",
+        norm_num_groups=int(module.norm_num_groups),
+        norm_eps=float(module.norm_eps),
+        cross_attention_dim=int(module.cross_attention_dim),
+        transformer_layers_per_block=_json_levels(module.transformer_layers_per_block),
+        attention_head_dim=_json_levels(module.attention_head_dim),
+        use_linear_projection=bool(module.use_linear_projection),
+        resnet_time_scale_shift="default",
+        time_embedding_type="positional",
+    )
+    if sample_size is not None:
+        cfg["sample_size"] = int(sample_size)
+    for key in ("layers_per_block", "transformer_layers_per_block", "attention_head_dim"):
+        if isinstance(cfg[key], list) and len(cfg[key]) != n:
+            raise ValueError(f"unet2d_condition_config_to_diffusers: {key}={cfg[key]} needs one "
+                             f"entry per level ({n})")
+    unet2d_condition_config_from_diffusers(cfg)  # what we write, we can read
+    return cfg
+
+
+def unet2d_condition_params_to_diffusers(params: Mapping, config: Mapping[str, Any]) -> dict:
+    """UNetCondition params -> a diffusers ``UNet2DConditionModel`` state dict (float32 NumPy,
+    torch layout: conv OIHW, Linear (out, in); 1x1-conv projections stay [C_out, C_in, 1, 1]).
+
+    Checked by name and shape against ``config`` (the diffusers config dict) first: ValueError
+    lists every missing, unexpected or mis-shaped parameter."""
+    want = expected_param_shapes(unet2d_condition_config_from_diffusers(config))
+    got = {p: tuple(np.shape(w)) for p, w in flatten_params(params).items()}
+    missing, extra, shape = compare_shapes(got, want, {p: "/".join(p) for p in got},
+                                           lambda p: "/".join(p))
+    err = mismatch_error("unet2d_condition_params_to_diffusers: params do not match the "
+                         "UNet2DConditionModel config:", missing=missing, unexpected=extra,
+                         shape=shape)
+    if err is not None:
+        raise err
+    return params_to_state_dict(params, _diffusers_key)

@@ -1,4 +1,4 @@
-"""diffusers ``AutoencoderKL`` -> :class:`jaxdiff.nn.vae.AutoencoderKL` (config and weights).
+"""diffusers ``AutoencoderKL`` <-> :class:`jaxdiff.nn.vae.AutoencoderKL` (config and weights).
 
     vae, params = load_diffusers_vae("stable-diffusion-v1-5", subfolder="vae")
     post = vae.apply({"params": params}, x_nhwc, method=AutoencoderKL.encode)
@@ -13,6 +13,11 @@ Weights: conv OIHW -> HWIO, linear (out, in) -> (in, out), GroupNorm weight -> s
 (query/key/value/proj_attn) are accepted. Every diffusers tensor must be consumed by exactly one
 parameter and every parameter must be filled, else ValueError names the diffusers keys.
 No torch here.
+
+The way back (export; :mod:`jaxdiff.interop.export` writes the folder):
+
+    config = vae_config_to_diffusers(AutoencoderKL(...), sample_size=32, scaling_factor=0.9)
+    state_dict = vae_params_to_diffusers(params, config)   # float32, torch layout
 """
 from __future__ import annotations
 
@@ -23,8 +28,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from jaxdiff.interop._common import (abstract_param_shapes, convert_checked, convert_leaf,
-                                     diffusers_key_to_path, path_to_diffusers_key)
+from jaxdiff.interop._common import (abstract_param_shapes, compare_shapes, convert_checked,
+                                     convert_leaf, diffusers_key_to_path, flatten_params, mismatch_error,
+                                     params_to_state_dict, path_to_diffusers_key)
 from jaxdiff.interop.safetensors_io import read_diffusers_folder
 
 _KNOWN = {"in_channels", "out_channels", "down_block_types", "up_block_types",
@@ -193,3 +199,55 @@ def load_diffusers_vae(folder: str, *, subfolder: Optional[str] = None,
     params = vae_params_from_diffusers(state_dict, config)
     module = AutoencoderKL(**kwargs, dtype=jnp.float32 if dtype is None else dtype, remat=remat)
     return module, params
+
+
+# ---------------------------------------------------------------------------------------------
+# The way back: our AutoencoderKL -> diffusers AutoencoderKL.
+
+def vae_config_to_diffusers(module: Any, sample_size=None,
+                            scaling_factor: Optional[float] = None) -> dict:
+    """The diffusers ``AutoencoderKL`` config dict of a :class:`~jaxdiff.nn.vae.AutoencoderKL`.
+
+    ``sample_size``: the image height the VAE was trained on (diffusers uses it only to tile
+    large images; None leaves diffusers' default). ``scaling_factor``: the latent scale the
+    diffusion model was trained with (a jaxdiff VAE run's ``scale_factor``: diffusion latents
+    are ``scaling_factor * z``, diffusers' convention too); default the module's own field.
+    Inverse of :func:`vae_config_from_diffusers`."""
+    n = len(module.block_out_channels)
+    sf = module.scaling_factor if scaling_factor is None else scaling_factor
+    cfg = dict(
+        _class_name="AutoencoderKL",
+        in_channels=int(module.in_channels),
+        out_channels=int(module.out_channels),
+        down_block_types=["DownEncoderBlock2D"] * n,
+        up_block_types=["UpDecoderBlock2D"] * n,
+        block_out_channels=[int(c) for c in module.block_out_channels],
+        layers_per_block=int(module.layers_per_block),
+        act_fn="silu",
+        latent_channels=int(module.latent_channels),
+        norm_num_groups=int(module.norm_num_groups),
+        scaling_factor=float(sf),
+        shift_factor=None if module.shift_factor is None else float(module.shift_factor),
+        use_quant_conv=bool(module.use_quant_conv),
+        use_post_quant_conv=bool(module.use_post_quant_conv),
+        mid_block_add_attention=bool(module.mid_block_add_attention),
+    )
+    if sample_size is not None:
+        cfg["sample_size"] = int(sample_size)
+    vae_config_from_diffusers(cfg)  # what we write, we can read
+    return cfg
+
+
+def vae_params_to_diffusers(params: Mapping, config: Mapping[str, Any]) -> dict:
+    """AutoencoderKL params -> a diffusers ``AutoencoderKL`` state dict (float32 NumPy, torch
+    layout, current attention names with Linear weights). Checked by name and shape against
+    ``config`` first (ValueError lists every difference)."""
+    want = _expected_shapes(vae_config_from_diffusers(config))
+    got = {p: tuple(np.shape(w)) for p, w in flatten_params(params).items()}
+    missing, extra, shape = compare_shapes(got, want, {p: "/".join(p) for p in got},
+                                           lambda p: "/".join(p))
+    err = mismatch_error("vae_params_to_diffusers: params do not match the AutoencoderKL "
+                         "config:", missing=missing, unexpected=extra, shape=shape)
+    if err is not None:
+        raise err
+    return params_to_state_dict(params, _diffusers_key)
