@@ -393,3 +393,78 @@ def test_export_sd_pipeline_copies_the_base_and_writes_the_unet(t2i_export, tmp_
         export.export_sd_pipeline(str(base), trained, str(base / "inside"))
     with pytest.raises(FileNotFoundError, match="not a diffusers pipeline"):
         export.export_sd_pipeline(str(tmp_path / "nothing"), trained, str(tmp_path / "o"))
+
+
+# ----------------------------------------------------------------------------- the CLI
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# ddpm_digits made tiny: class-conditional 8x8, 2 levels, T=100, 2 steps.
+CLI_TINY = {"data.image_size": 8, "model.ch": 16, "model.ch_mult": (1, 2), "model.num_res_blocks": 1,
+            "model.attn_resolutions": (4,), "model.num_groups": 8, "model.dropout": 0.0,
+            "diffusion.num_timesteps": 100, "train.num_steps": 2, "train.batch_size": 8,
+            "train.warmup_steps": 1, "train.cosine_decay": False, "train.log_every": 1,
+            "train.checkpoint_every": 2, "train.num_samples": 0}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(data_dir, tmp_path_factory):
+    from _testutil import override
+    from experiments.configs import ddpm_digits
+    from jaxdiff.train.loop import train
+
+    workdir = str(tmp_path_factory.mktemp("run") / "ddpm")
+    summary = train(override(ddpm_digits.get_config(), CLI_TINY), workdir)
+    return workdir, summary["state"]
+
+
+def run_cli(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "experiments.export", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_cli_exports_a_trained_run(tiny_run, tmp_path):
+    workdir, state = tiny_run
+    out = str(tmp_path / "exported")
+    r = run_cli(f"--workdir={workdir}", f"--out={out}")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"Wrote {out}: DDPMPipeline (unet/, scheduler/) from step 2 of "
+                               f"{workdir} (EMA params)")
+    assert "class_labels=10 is the null label" in r.stdout
+    pipe = diffusers.DDPMPipeline.from_pretrained(out)
+    c = pipe.scheduler.config
+    assert (c.num_train_timesteps, c.beta_schedule, c.prediction_type, c.clip_sample) == (
+        100, "squaredcos_cap_v2", "epsilon", True)
+    assert pipe.unet.config.num_class_embeds == 11
+    config, sd = read_diffusers_folder(out, subfolder="unet")
+    assert_same_tree(unet_params_from_diffusers(sd, config), jax.device_get(state.ema_params))
+    info = json.load(open(os.path.join(out, "jaxdiff_export.json")))
+    assert info["source"] == {"workdir": workdir, "step": 2, "params": "ema"}
+    assert info["labels"] == {"num_classes": 10, "null_label": 10,
+                              "class_names": [str(i) for i in range(10)]}
+
+    # A non-empty --out is refused (one line, exit 2, nothing touched) ...
+    before = {f: os.path.getmtime(os.path.join(out, f)) for f in os.listdir(out)}
+    r = run_cli(f"--workdir={workdir}", f"--out={out}", "--no-ema")
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == [f"error: {out} is not empty: choose a new output "
+                                             "folder, or pass --overwrite (overwrite=True) to "
+                                             "replace it."]
+    assert {f: os.path.getmtime(os.path.join(out, f)) for f in os.listdir(out)} == before
+    # ... unless --overwrite; --no-ema exports the raw params.
+    r = run_cli(f"--workdir={workdir}", f"--out={out}", "--no-ema", "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert "(raw, non-EMA params)" in r.stdout
+    config, sd = read_diffusers_folder(out, subfolder="unet")
+    assert_same_tree(unet_params_from_diffusers(sd, config), jax.device_get(state.params))
+    assert sorted(os.listdir(tmp_path)) == ["exported"]  # no temporary folder left behind
+
+    # A missing run: one line, nothing written.
+    r = run_cli(f"--workdir={tmp_path / 'nothing'}", f"--out={tmp_path / 'o'}")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"error: No run at {tmp_path / 'nothing'}: give "
+                                             "--workdir a run directory (python -m "
+                                             "experiments.train --workdir=... makes one)."]
+    assert sorted(os.listdir(tmp_path)) == ["exported"]

@@ -74,7 +74,7 @@ PREDICTION_TYPES = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
 # The diffusers version the configs are written for (the one the tests load them with).
 DIFFUSERS_VERSION = "0.42.0"
 
-__all__ = ["ddpm_scheduler_config", "export_ddpm_pipeline", "export_sd_pipeline",
+__all__ = ["check_output_folder", "ddpm_scheduler_config", "export_ddpm_pipeline", "export_sd_pipeline",
            "export_text_to_image", "export_vae", "save_clip_text", "save_scheduler",
            "save_unet2d", "save_unet2d_condition", "save_vae", "save_word_tokenizer",
            "word_tokenizer_from_folder", "staged_folder"]
@@ -108,18 +108,25 @@ def _save_model(folder: str, config: Mapping[str, Any], state_dict: Mapping[str,
     _save_safetensors(os.path.join(folder, WEIGHTS_NAME), state_dict)
 
 
-@contextlib.contextmanager
-def staged_folder(out: str, overwrite: bool = False):
-    """Yield a temporary folder beside ``out``; on success it becomes ``out`` (an existing
-    ``out`` is replaced only with ``overwrite``), on any error it is removed and ``out`` is
-    untouched. Raises FileExistsError at once for a non-empty ``out`` without ``overwrite`` or
-    an ``out`` that is a file."""
+def check_output_folder(out: str, overwrite: bool = False) -> str:
+    """The absolute ``out``, or FileExistsError when it is a file, or a non-empty folder and
+    not ``overwrite`` (what :func:`staged_folder` checks first; a CLI checks before loading)."""
     out = os.path.abspath(os.path.expanduser(out))
     if os.path.lexists(out) and not os.path.isdir(out):
         raise FileExistsError(f"{out} exists and is not a folder: choose another output folder.")
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
         raise FileExistsError(f"{out} is not empty: choose a new output folder, or pass "
                               "--overwrite (overwrite=True) to replace it.")
+    return out
+
+
+@contextlib.contextmanager
+def staged_folder(out: str, overwrite: bool = False):
+    """Yield a temporary folder beside ``out``; on success it becomes ``out`` (an existing
+    ``out`` is replaced only with ``overwrite``), on any error it is removed and ``out`` is
+    untouched. Raises FileExistsError at once for a non-empty ``out`` without ``overwrite`` or
+    an ``out`` that is a file."""
+    out = check_output_folder(out, overwrite)
     parent, name = os.path.split(out)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
