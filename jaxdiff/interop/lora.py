@@ -12,9 +12,10 @@ names under the ``unet.`` prefix, torch layout,
 
 (lora_A = down.T, lora_B = up.T), and the peft ``LoraConfig`` (``r``, ``lora_alpha``,
 ``target_modules``, ...) as JSON in the safetensors header under ``lora_adapter_metadata``, with
-the same ``unet.`` prefix. diffusers (>= 0.35 or so; checked with 0.42) builds the adapter's
-LoraConfig from that metadata, so alpha != rank loads exactly. Loaders that ignore the metadata
-(older diffusers) assume alpha = rank; for them pass ``fold_alpha=True``: ``up`` is written
+the same ``unet.`` prefix. diffusers builds the adapter's LoraConfig from that metadata (since
+its PR #11324, diffusers 0.34 as far as we know; tested with 0.42.1), so alpha != rank loads
+exactly. Loaders that ignore the metadata (older diffusers, likely ComfyUI / A1111) assume
+alpha = rank; for them pass ``fold_alpha=True``: ``up`` is written
 pre-multiplied by alpha / rank and the file says alpha = rank (the same function everywhere,
 but alpha itself no longer round-trips).
 
