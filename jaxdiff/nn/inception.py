@@ -3,7 +3,8 @@
     >>> net = InceptionV3()
     >>> out = net.apply({"params": params}, images)   # images: [N, H, W, 3] float32 in [0, 1]
     >>> out["pool3"]    # [N, 2048] float32: the final average pool (pytorch-fid's block 3, FID's features)
-    >>> out["logits"]   # [N, 1008] float32: the fc layer of the FID weights (Inception Score)
+    >>> out["logits"]   # [N, 1008] float32: the fc layer of the FID weights
+    >>> out["logits_unbiased"]   # [N, 1008]: the fc without its bias (the Inception Score's logits)
 
 The layers are torchvision's ``Inception3`` as pytorch-fid patches it for FID (the graph of TF's
 ``inception-2015-12-05`` that the FID papers used): ``FIDInceptionA`` / ``FIDInceptionC`` /
@@ -202,9 +203,27 @@ class FIDInceptionE(nn.Module):
         return jnp.concatenate([b1, b3, bd, bp], axis=-1)
 
 
+class Linear(nn.Module):
+    """The fc layer: ``x [N, D] -> (x @ kernel, x @ kernel + bias)`` (``kernel [D, features]``)."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        y = jnp.dot(x, kernel, precision=HIGHEST)
+        return y, y + bias
+
+
 class InceptionV3(nn.Module):
     """pytorch-fid's FID Inception: ``x: [N, H, W, 3]`` float32 in [0, 1] ->
-    ``{"pool3": [N, 2048], "logits": [N, num_classes]}`` float32.
+    ``{"pool3": [N, 2048], "logits": [N, num_classes], "logits_unbiased": [N, num_classes]}`` float32.
+
+    ``logits`` is torchvision's ``fc(pool3)``; ``logits_unbiased`` is ``pool3 @ fc.kernel`` without
+    the bias, the logits of the original Inception Score code (openai/improved-gan reads the
+    ``softmax/logits/MatMul`` weights of the TF graph and omits the bias; torch-fidelity's
+    ``logits_unbiased`` is the same).
 
     With ``resize_input=False`` the input should already be 299 x 299 (the conv stack accepts any
     size >= 75, as torch's does, but FID statistics are only comparable at 299)."""
@@ -239,5 +258,5 @@ class InceptionV3(nn.Module):
         x = FIDInceptionE("avg", name="Mixed_7b")(x)
         x = FIDInceptionE("max", name="Mixed_7c")(x)
         pool3 = jnp.mean(x, axis=(1, 2))
-        logits = nn.Dense(self.num_classes, precision=HIGHEST, name="fc")(pool3)
-        return {"pool3": pool3, "logits": logits}
+        unbiased, logits = Linear(self.num_classes, name="fc")(pool3)
+        return {"pool3": pool3, "logits": logits, "logits_unbiased": unbiased}
