@@ -468,3 +468,95 @@ def test_cli_exports_a_trained_run(tiny_run, tmp_path):
                                              "--workdir a run directory (python -m "
                                              "experiments.train --workdir=... makes one)."]
     assert sorted(os.listdir(tmp_path)) == ["exported"]
+
+
+@pytest.fixture(scope="module")
+def untrained_runs(tmp_path_factory):
+    """A VAE run, a latent DDPM run on it and a latent text-to-image run on it, written as real
+    checkpoints (Checkpointer, the training metadata) of random params: export needs no training,
+    and the CLI reads these exactly as it reads trained runs (see test_cli_exports_a_trained_run)."""
+    from types import SimpleNamespace
+
+    from _testutil import override
+    from experiments.configs import ldm_digits, t2i_shapes, vae_digits
+    from jaxdiff.train import build
+    from jaxdiff.train.checkpoint import Checkpointer
+
+    root = tmp_path_factory.mktemp("runs")
+    data = SimpleNamespace(name="digits", num_examples=16, class_names=None)
+
+    def write(workdir, meta, module, *inputs):
+        params = random_params(module, *inputs, seed=1)
+        ema = random_params(module, *inputs, seed=2)
+        ck = Checkpointer(str(workdir), async_save=False)
+        ck.save(1, {"params": params, "ema_params": ema}, meta)
+        ck.wait()
+        ck.close()
+        return str(workdir), ema
+
+    vc = override(vae_digits.get_config(), {"data.image_size": 16, "model.block_out_channels": (8, 8),
+                                            "model.norm_num_groups": 4, "train.num_steps": 1})
+    vae = build.build_vae(vc, (16, 16, 3))
+    meta = {**build.vae_run_metadata(vc, data, vae, None), "latent": {"scale_factor": 0.8}}
+    vae_run = write(root / "vae", meta, vae.module, jnp.zeros((1, 16, 16, 3)))
+    ae = build.load_vae(vae_run[0], 1)
+
+    lc = override(ldm_digits.get_config(), {**CLI_TINY, "vae.workdir": vae_run[0], "vae.step": 1,
+                                            "data.image_size": 16})
+    model = build.build_model(lc, (8, 8, 4), 10, ae)
+    ldm_run = write(root / "ldm", build.run_metadata(lc, data, model), model.module,
+                    jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))
+
+    tc = override(t2i_shapes.get_config(), {
+        "vae.workdir": vae_run[0], "vae.step": 1, "data.image_size": 16,
+        "model.block_out_channels": (16, 32), "model.down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+        "model.up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"), "model.attention_head_dim": 2,
+        "text.hidden_size": 16, "text.intermediate_size": 32, "text.num_layers": 1, "text.num_heads": 2})
+    model = build.build_model(tc, (8, 8, 4), None, ae)
+    ids, mask = model.tokenize([""])
+    t2i_run = write(root / "t2i", build.run_metadata(tc, data, model), model.module,
+                    jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,)), ids, mask)
+    return {"vae": vae_run, "ldm": ldm_run, "t2i": t2i_run, "vae_ema": vae_run[1]}
+
+
+@pytest.mark.slow
+def test_cli_exports_vae_latent_and_text_to_image_runs(untrained_runs, tmp_path):
+    vae_dir, vae_ema = untrained_runs["vae"]
+    r = run_cli(f"--workdir={vae_dir}", f"--out={tmp_path / 'vae'}")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"Wrote {tmp_path / 'vae'}: AutoencoderKL (diffusers.AutoencoderKL)")
+    ref = diffusers.AutoencoderKL.from_pretrained(str(tmp_path / "vae"))
+    assert ref.config.scaling_factor == 0.8 and ref.config.sample_size == 16
+    assert_same_tree(load_diffusers_vae(str(tmp_path / "vae"))[1], vae_ema)
+
+    ldm_dir, ldm_ema = untrained_runs["ldm"]
+    out = str(tmp_path / "ldm")
+    r = run_cli(f"--workdir={ldm_dir}", f"--out={out}")
+    assert r.returncode == 0, r.stderr
+    assert "latent UNet2DModel + AutoencoderKL (unet/, scheduler/, vae/)" in r.stdout
+    assert "no model_index.json" in r.stdout
+    assert sorted(os.listdir(out)) == ["jaxdiff_export.json", "scheduler", "unet", "vae"]
+    unet = diffusers.UNet2DModel.from_pretrained(out, subfolder="unet")
+    assert (unet.config.in_channels, unet.config.sample_size, unet.config.num_class_embeds) == (4, 8, 11)
+    sched = diffusers.DDPMScheduler.from_pretrained(out, subfolder="scheduler")
+    assert (sched.config.prediction_type, sched.config.clip_sample) == ("v_prediction", False)
+    assert diffusers.AutoencoderKL.from_pretrained(out, subfolder="vae").config.scaling_factor == 0.8
+    config, sd = read_diffusers_folder(out, subfolder="unet")
+    assert_same_tree(unet_params_from_diffusers(sd, config), ldm_ema)
+    assert_same_tree(load_diffusers_vae(out, subfolder="vae")[1], vae_ema)
+
+    t2i_dir, t2i_ema = untrained_runs["t2i"]
+    out = str(tmp_path / "t2i")
+    r = run_cli(f"--workdir={t2i_dir}", f"--out={out}")
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(out)) == ["jaxdiff_export.json", "scheduler", "text_encoder",
+                                       "tokenizer", "unet", "vae"]
+    diffusers.UNet2DConditionModel.from_pretrained(out, subfolder="unet")
+    transformers.CLIPTextModel.from_pretrained(os.path.join(out, "text_encoder"))
+    assert_same_tree(load_unet2d_condition(out, subfolder="unet")[1], t2i_ema["unet"])
+    assert_same_tree(load_transformers_clip_text(os.path.join(out, "text_encoder"))[1],
+                     t2i_ema["text_encoder"])
+    from experiments.configs import t2i_shapes
+
+    tok = export.word_tokenizer_from_folder(os.path.join(out, "tokenizer"))
+    assert tok.vocab[2:-2] == [w.lower() for w in dict.fromkeys(t2i_shapes.get_config().text.words)]
