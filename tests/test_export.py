@@ -384,6 +384,12 @@ def test_export_sd_pipeline_copies_the_base_and_writes_the_unet(t2i_export, tmp_
     assert not os.path.islink(os.path.join(out, "linked.json"))
     module, back = load_unet2d_condition(out, subfolder="unet")
     assert_same_tree(back, trained)
+    # A run that also trained the text encoder replaces text_encoder/ too.
+    text = perturbed(params["text_encoder"], seed=8)
+    export.export_sd_pipeline(str(base), trained, out, text_encoder_params=text, overwrite=True)
+    assert_same_tree(load_transformers_clip_text(os.path.join(out, "text_encoder"))[1], text)
+    assert open(os.path.join(out, "text_encoder", "config.json")).read() == \
+        open(base / "text_encoder" / "config.json").read()
     bad = dict(trained)
     del bad["conv_out"]
     with pytest.raises(ValueError, match="conv_out"):

@@ -434,12 +434,15 @@ def export_text_to_image(out: str, text_encoder: Any, unet: Any, params: Mapping
 
 
 def export_sd_pipeline(base_folder: str, unet_params: Mapping, out: str, *,
-                       overwrite: bool = False, source: Optional[Mapping] = None) -> dict:
+                       text_encoder_params: Optional[Mapping] = None, overwrite: bool = False,
+                       source: Optional[Mapping] = None) -> dict:
     """A fine-tuned Stable Diffusion U-Net -> a whole pipeline folder: every entry of the base
     pipeline folder (``model_index.json``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
     ``scheduler/``, ...; symlinks, as in a Hub cache snapshot, are copied as files) except
     ``unet/``, which is written from ``unet_params`` (float32) with the base U-Net's
-    ``config.json``. The params are checked against that config first."""
+    ``config.json``. ``text_encoder_params`` (a run that also trained the CLIP text encoder)
+    likewise replace ``text_encoder/``'s weights, with the base's ``config.json``. The params
+    are checked against those configs before anything is written."""
     base = os.path.abspath(os.path.expanduser(base_folder))
     index = os.path.join(base, "model_index.json")
     ucfg_path = os.path.join(base, "unet", "config.json")
@@ -453,9 +456,19 @@ def export_sd_pipeline(base_folder: str, unet_params: Mapping, out: str, *,
     with open(ucfg_path, encoding="utf-8") as fh:
         ucfg = json.load(fh)
     state = unet2d_condition_params_to_diffusers(unet_params, ucfg)  # checks before any copy
+    replaced = {"unet"}
+    if text_encoder_params is not None:
+        tcfg_path = os.path.join(base, "text_encoder", "config.json")
+        if not os.path.isfile(tcfg_path):
+            raise FileNotFoundError(f"export_sd_pipeline: {tcfg_path} not found (text encoder "
+                                    "params were given)")
+        with open(tcfg_path, encoding="utf-8") as fh:
+            tcfg = json.load(fh)
+        text_state = clip_text_params_to_transformers(text_encoder_params, tcfg)
+        replaced.add("text_encoder")
     with staged_folder(out, overwrite) as tmp:
         for entry in sorted(os.listdir(base)):
-            if entry == "unet" or entry.startswith("."):
+            if entry in replaced or entry.startswith("."):
                 continue
             src = os.path.join(base, entry)
             if os.path.isdir(src):
@@ -463,10 +476,17 @@ def export_sd_pipeline(base_folder: str, unet_params: Mapping, out: str, *,
             else:
                 shutil.copy2(src, os.path.join(tmp, entry))
         os.makedirs(os.path.join(tmp, "unet"))
-        _write_json(os.path.join(tmp, "unet", "config.json"), ucfg)
+        shutil.copy2(ucfg_path, os.path.join(tmp, "unet", "config.json"))  # the base's, as is
         _save_safetensors(os.path.join(tmp, "unet", WEIGHTS_NAME), state)
-        info = _info("StableDiffusion pipeline (fine-tuned unet/)",
-                     {"unet": "diffusers.UNet2DConditionModel (trained)",
-                      "others": f"copied from {base}"}, [], source)
+        components = {"unet": "diffusers.UNet2DConditionModel (trained)"}
+        if text_encoder_params is not None:
+            os.makedirs(os.path.join(tmp, "text_encoder"))
+            shutil.copy2(tcfg_path, os.path.join(tmp, "text_encoder", "config.json"))
+            _save_safetensors(os.path.join(tmp, "text_encoder", TRANSFORMERS_WEIGHTS_NAME),
+                              text_state)
+            components["text_encoder"] = "transformers.CLIPTextModel (trained)"
+        components["others"] = f"copied from {base}"
+        info = _info("StableDiffusion pipeline (fine-tuned " + ", ".join(
+            f"{r}/" for r in sorted(replaced)) + ")", components, [], source)
         _write_json(os.path.join(tmp, INFO_NAME), info)
     return info
