@@ -378,6 +378,8 @@ def test_precision_recall_of_features(params, pool3_ref, torch_net):
 
 def test_reference_stats_sources(tmp_path, params, data_dir):
     ev = fid_lib.FIDEvaluator(params, batch_size=2)
+    with pytest.raises(ValueError, match="no reference statistics"):
+        ev.fid(np.zeros((2, 8, 8, 3), np.uint8))
     stats = fid_lib.Stats(np.arange(2048.0), np.eye(2048) * 2.0, 7)
     fid_lib.save_stats_npz(str(tmp_path / "stats.npz"), stats)
     got = fid_lib.reference_stats(str(tmp_path / "stats.npz"), ev)

@@ -3,12 +3,14 @@
     >>> from jaxdiff.eval.fid import FIDEvaluator, reference_stats
     >>> from jaxdiff.interop.inception import load_inception
     >>> ev = FIDEvaluator(load_inception("inception_fid.safetensors"))
-    >>> ref = reference_stats("cifar10:train", ev)       # or "stats.npz" (mu, sigma) / "images.npz"
-    >>> ev.fid(samples, ref)                              # samples: uint8 [N, H, W, 3] (or [..., 1])
+    >>> ev.ref = reference_stats("cifar10:train", ev)    # or "stats.npz" (mu, sigma) / "images.npz"
+    >>> ev.fid(samples)                                   # samples: uint8 [N, H, W, 3] (or [..., 1])
 
-In the training loop (every process calls it with the same samples; the figure is the same on all):
-build the evaluator and the reference statistics once, then ``ev.fid(images, ref)`` on each round's
-N samples. ``ev.features(images)`` / ``ev.stats(images)`` are the parts.
+In the training loop: build ``FIDEvaluator(params, ref_stats)`` once (the Inception program is
+compiled on the first call and kept), then ``ev.fid(images)`` on each round's N samples; every
+process calls it with the same images (each reads only its rows) and gets the same float.
+``ev.evaluate(images, inception=True)`` adds the Inception Score; ``ev.features(images)`` /
+``ev.stats(images)`` are the parts.
 
 Images: uint8 ``[N, H, W, 3]``; greyscale ``[N, H, W, 1]`` is repeated to 3 channels (what
 pytorch-fid's loader does with ``Image.convert('RGB')``). They become float32 ``x / 255`` as in
@@ -48,6 +50,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import warnings
 from typing import Callable, NamedTuple, Optional
 
 import jax
@@ -78,10 +81,12 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
         raise ValueError(f"the statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs "
                          f"{sigma2.shape} (both must come from the same network's features).")
     diff = mu1 - mu2
-    covmean = scipy.linalg.sqrtm(sigma1.dot(sigma2))
-    if not np.isfinite(covmean).all():
-        offset = np.eye(sigma1.shape[0]) * eps
-        covmean = scipy.linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    with warnings.catch_warnings():  # scipy warns about a singular product; the result is checked below
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(sigma1.dot(sigma2))
+        if not np.isfinite(covmean).all():
+            offset = np.eye(sigma1.shape[0]) * eps
+            covmean = scipy.linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise ValueError(f"imaginary component {np.max(np.abs(covmean.imag)):.3g} in sqrtm(sigma1 sigma2): the "
@@ -252,13 +257,15 @@ def _features_fn():
 class FIDEvaluator:
     """pool3 features / logits of uint8 images with the FID Inception, sharded over ``mesh``.
 
-    ``params``: :func:`jaxdiff.interop.inception.load_inception`'s. ``mesh``: default all devices
+    ``params``: :func:`jaxdiff.interop.inception.load_inception`'s. ``ref``: default reference
+    statistics for :meth:`fid` / :meth:`evaluate` (:func:`reference_stats`). ``mesh``: default all devices
     (``parallel.make_mesh()``). ``batch_size``: images per jitted call (rounded up to a multiple of
     the devices). Every process must call every method with the same arguments (same images, or a
     reader that returns them); every process gets the same results.
     """
 
-    def __init__(self, params, *, batch_size: int = 50, mesh=None, progress: bool = False):
+    def __init__(self, params, ref: Optional[Stats] = None, *, batch_size: int = 50, mesh=None,
+                 progress: bool = False):
         if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
         self.mesh = parallel.make_mesh() if mesh is None else mesh
@@ -267,6 +274,7 @@ class FIDEvaluator:
         self.rows = parallel.host_rows(self.batch_size, self.mesh)  # this process reads only these
         self.progress = progress
         self.params = jax.device_put(params, parallel.replicated(self.mesh))
+        self.ref = ref
         self._fingerprint = None
         self._fn = _features_fn()
 
@@ -284,16 +292,24 @@ class FIDEvaluator:
         size, rows = self.batch_size, self.rows
         sums, kept = MomentSums(FEATURE_DIM), {k: [] for k in gather}
         bar = tqdm(total=n, desc=desc, disable=not (self.progress and parallel.is_writer()), dynamic_ncols=True)
-        for lo in range(0, n, size):
-            idx = np.minimum(np.arange(lo, lo + size), n - 1)  # the last batch padded with its last image
-            local = check_images(read(idx[rows]))
-            out = self._fn(self.params, parallel.global_batch(local, rows, size, self.mesh))
-            valid = rows < n - lo  # this process's rows that are real images (not padding)
+
+        def consume(out, lo):  # host work on a finished batch: float64 sums of this process's real rows
+            valid = rows < n - lo  # not the padding of the last batch
             sums.add(_local_rows(out["pool3"])[valid])
             m = min(size, n - lo)
             for k in gather:
                 kept[k].append(parallel.to_host(out[k])[:m])
             bar.update(m)
+
+        pending = None
+        for lo in range(0, n, size):
+            idx = np.minimum(np.arange(lo, lo + size), n - 1)  # the last batch padded with its last image
+            local = check_images(read(idx[rows]))
+            out = self._fn(self.params, parallel.global_batch(local, rows, size, self.mesh))  # dispatched, not awaited
+            if pending is not None:  # the previous batch's host work overlaps this one's compute
+                consume(*pending)
+            pending = (out, lo)
+        consume(*pending)
         bar.close()
         return combine_processes(sums), {k: np.concatenate(v) for k, v in kept.items()}
 
@@ -315,16 +331,24 @@ class FIDEvaluator:
         sums, _ = self._run(read, n, desc=desc)
         return sums.stats()
 
-    def fid(self, images: np.ndarray, ref: Stats) -> float:
-        """FID of ``images`` (uint8 [N, H, W, C]) against the reference statistics ``ref``."""
+    def _ref(self, ref: Optional[Stats]) -> Stats:
+        ref = self.ref if ref is None else ref
+        if ref is None:
+            raise ValueError("no reference statistics: pass ref= to FIDEvaluator(...) or to this call "
+                             "(jaxdiff.eval.fid.reference_stats).")
+        return ref
+
+    def fid(self, images: np.ndarray, ref: Optional[Stats] = None) -> float:
+        """FID of ``images`` (uint8 [N, H, W, C]) against ``ref`` (default: the evaluator's ``ref``)."""
+        ref = self._ref(ref)
         s = self.stats(images)
         return frechet_distance(s.mu, s.sigma, ref.mu, ref.sigma)
 
-    def evaluate(self, images: np.ndarray, ref: Stats, *, inception: bool = False,
+    def evaluate(self, images: np.ndarray, ref: Optional[Stats] = None, *, inception: bool = False,
                  real_feats: Optional[np.ndarray] = None, k: int = 3, splits: int = 10) -> dict:
         """``{"fid", "num_images"}``, plus ``"is", "is_std"`` (``inception``) and ``"precision",
         "recall"`` (when ``real_feats [M, 2048]`` are given), from one pass over ``images``."""
-        images = check_images(images)
+        images, ref = check_images(images), self._ref(ref)
         gather = (("logits",) if inception else ()) + (("pool3",) if real_feats is not None else ())
         sums, out = self._run(lambda i: images[i], len(images), gather=gather, desc="fid samples")
         s = sums.stats()
