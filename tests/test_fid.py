@@ -237,6 +237,72 @@ def test_stats_on_8_devices_equal_1_device(params, eight_device_run):
         assert _rel(eight["sigma"], one.sigma) < 1e-6
 
 
+_TWO_PROCESSES = """
+import sys, numpy as np
+from jaxdiff import parallel
+parallel.initialize_distributed()
+import jax, jax.numpy as jnp
+from jaxdiff.eval import fid
+assert jax.process_count() == 2 and jax.device_count() == 4, (jax.process_count(), jax.device_count())
+images = np.random.default_rng(0).integers(0, 256, (11, 32, 64, 1), dtype=np.uint8)
+ev = fid.FIDEvaluator({}, batch_size=4)
+# a stand-in network (the Inception's cost is not the point here): 2048 pixels / 4 + 0.5, exact in float32
+ev._fn = jax.jit(lambda p, x: {"pool3": x.reshape(x.shape[0], -1).astype(jnp.float32) / 4.0 + 0.5,
+                               "logits": x.reshape(x.shape[0], -1)[:, :10].astype(jnp.float32)})
+seen = []
+def read(idx):
+    seen.append(np.array(idx))
+    return images[idx]
+sums, out = ev._run(read, len(images), gather=("logits",))
+s = sums.stats()
+me = jax.process_index()
+x = np.array([1.0 + 1e-12 * (me + 1), -3e-300])  # float32 would round both
+np.savez(f"{sys.argv[1]}/p{me}.npz", mu=s.mu, sigma=s.sigma, n=s.n, logits=out["logits"],
+         seen=np.concatenate(seen), gathered=fid.allgather_float64(x))
+parallel.finished()
+"""
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_stats_over_two_processes(tmp_path):
+    """2 real processes x 2 CPU devices (JAX's distributed runtime, gloo): each process reads only its
+    rows of every batch, the float64 sums cross processes bit-exactly, and both get the statistics of
+    all 11 images (3 batches of 4, the last padded) equal to np.mean / np.cov in float64."""
+    port = _free_port()
+    procs = []
+    for i in range(2):
+        xla = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f)
+        env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                   JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i),
+                   XLA_FLAGS=f"{xla} --xla_force_host_platform_device_count=2".strip())
+        procs.append(subprocess.Popen([sys.executable, "-c", _TWO_PROCESSES, str(tmp_path)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+    images = np.random.default_rng(0).integers(0, 256, (11, 32, 64, 1), dtype=np.uint8)
+    feats = images.reshape(11, -1).astype(np.float64) / 4.0 + 0.5
+    p0, p1 = np.load(tmp_path / "p0.npz"), np.load(tmp_path / "p1.npz")
+    for p in (p0, p1):
+        assert int(p["n"]) == 11
+        np.testing.assert_allclose(p["mu"], feats.mean(0), rtol=1e-12)
+        np.testing.assert_allclose(p["sigma"], np.cov(feats, rowvar=False), rtol=1e-9, atol=1e-9)
+        np.testing.assert_array_equal(p["logits"], images.reshape(11, -1)[:, :10].astype(np.float32))
+        np.testing.assert_array_equal(p["gathered"], [[1.0 + 1e-12, -3e-300], [1.0 + 2e-12, -3e-300]])
+    np.testing.assert_array_equal(p0["mu"], p1["mu"])  # the same float64 result on every process
+    np.testing.assert_array_equal(p0["sigma"], p1["sigma"])
+    # each process read 2 of each batch's 4 rows, together every image (10 = the last one, padding)
+    assert len(p0["seen"]) == len(p1["seen"]) == 6
+    assert sorted(np.concatenate([p0["seen"], p1["seen"]])) == sorted([*range(11), 10])
+
+
 def test_moment_sums_and_float64_transport():
     rng = np.random.default_rng(0)
     feats = rng.normal(5.0, 2.0, size=(30, 7))
