@@ -4,6 +4,8 @@
   ``init_params``, ``train_apply_fn`` for :func:`jaxdiff.diffusion.diffusion_loss`, and the sampling
   ``model_fn``s (params and labels as traced keyword arguments).
 - :class:`TextDiffusionModel`: text encoder + cross-attention U-Net trained together, and its tokenizer.
+- :class:`PretrainedTextDiffusionModel`: a Stable Diffusion 1.x folder being fine-tuned: its U-Net
+  (full or LoRA), frozen (or trained) CLIP text encoder, frozen VAE, tokenizer and base weights.
 - :class:`VAEModel`: a KL autoencoder; :class:`LatentAutoencoder`: a trained, frozen one with its
   latent scale factor, as latent diffusion uses it; :func:`latent_statistics` makes that factor.
 
@@ -172,6 +174,140 @@ class TextDiffusionModel(DiffusionModel):
 
 
 @dataclasses.dataclass(eq=False)
+class PretrainedTextDiffusionModel(DiffusionModel):
+    """A Stable Diffusion 1.x folder fine-tuned on latents (``model.pretrained=PATH``, built by
+    :func:`jaxdiff.train.build.load_pretrained`): ``module`` is its :class:`jaxdiff.nn.UNetCondition`,
+    ``text_encoder`` its CLIP text transformer, ``autoencoder`` its frozen VAE (a
+    :class:`LatentAutoencoder` with the folder's ``scaling_factor``), ``tokenizer`` its CLIP tokenizer
+    and ``base`` the folder's weights ``{"unet", "text_encoder"}`` (float32, host arrays).
+
+    Three kinds of params, all plain pytrees:
+
+    - *trainable* (what the optimizer, EMA and checkpoints hold): ``{"unet"}`` for full
+      fine-tuning, ``{"lora"}`` (the adapters of :mod:`jaxdiff.nn.lora`) when ``lora_rank > 0``,
+      plus ``"text_encoder"`` when ``train_text_encoder``;
+    - *frozen* (:meth:`frozen_params`, passed to the jitted step as an argument, never a constant):
+      the base weights that are not trained;
+    - *full* (:meth:`full_params`, what sampling and :meth:`apply` take): ``{"unet", "text_encoder"}``,
+      the LoRA adapters merged into the base U-Net (once, for sampling).
+
+    Captions are tokenized to the tokenizer's ``model_max_length`` (77) and truncated; the U-Net
+    attends to all 77 context positions (SD 1.x: no mask) and the text encoder sees the mask only
+    when the folder's config sets ``use_attention_mask``. Classifier-free guidance's unconditional
+    branch is the empty caption (training drops captions to ``""`` with probability ``p_uncond``).
+    """
+
+    text_encoder: Any = None  # jaxdiff.nn.text.CLIPTextTransformer
+    tokenizer: Any = None  # jaxdiff.tokenizers.CLIPTokenizer
+    base: Any = None  # {"unet": ..., "text_encoder": ...}: the folder's float32 weights
+    folder: str = ""
+    use_attention_mask: bool = False
+    train_text_encoder: bool = False
+    lora_rank: int = 0  # 0: full fine-tuning of the U-Net
+    lora_alpha: float = 1.0
+    lora_targets: tuple = ()
+
+    text_conditional = True
+
+    @property
+    def max_length(self) -> int:
+        return int(self.tokenizer.model_max_length)
+
+    @property
+    def lora(self) -> bool:
+        return self.lora_rank > 0
+
+    def tokenize(self, prompts: str | Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Prompts -> ``(input_ids, attention_mask)`` int32 [N, 77]: padded and truncated (diffusers)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        for p in prompts:
+            if not isinstance(p, str):
+                raise ValueError(f"Prompts must be strings, got {type(p).__name__} {p!r}.")
+        enc = self.tokenizer(prompts, max_length=self.max_length, padding="max_length", truncation=True)
+        return np.asarray(enc["input_ids"], np.int32), np.asarray(enc["attention_mask"], np.int32)
+
+    # ------------------------------------------------------------------ params
+    def init_trainable(self, key: jax.Array, base: Any) -> dict:
+        """The trainable params at step 0 from the base weights (pure; jit with ``base`` as an argument)."""
+        if self.lora:
+            from jaxdiff.nn import lora  # only LoRA runs need it
+
+            out = {"lora": lora.init_lora(key, base["unet"], rank=self.lora_rank, targets=self.lora_targets)}
+        else:
+            out = {"unet": base["unet"]}
+        if self.train_text_encoder:
+            out["text_encoder"] = base["text_encoder"]
+        return out
+
+    def init_params(self, key: jax.Array) -> dict:
+        return self.init_trainable(key, self.base)
+
+    def frozen_params(self, base: Any) -> dict:
+        """The part of ``base`` that is not trained (the step's ``frozen`` argument)."""
+        out = {}
+        if self.lora:
+            out["unet"] = base["unet"]
+        if not self.train_text_encoder:
+            out["text_encoder"] = base["text_encoder"]
+        return out
+
+    def full_params(self, params: dict, frozen: dict) -> dict:
+        """Trainable + frozen -> ``{"unet", "text_encoder"}`` (LoRA adapters merged; pure, differentiable
+        w.r.t. ``params``; no gradient reaches ``frozen``)."""
+        frozen = jax.lax.stop_gradient(frozen)
+        if self.lora:
+            from jaxdiff.nn import lora
+
+            unet = lora.merge(frozen["unet"], params["lora"], alpha=self.lora_alpha, rank=self.lora_rank)
+        else:
+            unet = params["unet"]
+        te = params["text_encoder"] if self.train_text_encoder else frozen["text_encoder"]
+        return {"unet": unet, "text_encoder": te}
+
+    # ------------------------------------------------------------------ the networks (full params)
+    def _encode(self, te_params, ids, mask):
+        last, _ = self.text_encoder.apply({"params": te_params}, ids, mask if self.use_attention_mask else None)
+        return last
+
+    def apply(self, params, x_t, t, input_ids, attention_mask, *, train=False, key=None) -> jax.Array:
+        """Full params; x_t: [B, h, w, 4] scaled latents, t: [B] float32 on 0..T-1, ids/mask [B, 77]."""
+        context = self._encode(params["text_encoder"], input_ids, attention_mask)
+        rngs = {"dropout": key} if train and key is not None else None
+        return self.module.apply({"params": params["unet"]}, x_t, t, context, train=train, rngs=rngs)
+
+    @functools.cached_property
+    def encode_text(self):
+        """``encode_text(full_params, input_ids, attention_mask) -> context float32 [N, 77, D]`` (jitted)."""
+        return xla.jit(lambda params, ids, mask: self._encode(params["text_encoder"], ids, mask))
+
+    @functools.cached_property
+    def context_model_fn(self):
+        """``model_fn(x_t, t, cond, *, params)`` with ``cond = (context, mask)`` and full params; the U-Net
+        attends to every context position (SD 1.x)."""
+        def model_fn(x_t, t, cond, *, params):
+            context, _ = cond
+            return self.module.apply({"params": params["unet"]}, x_t, t, context)
+
+        return model_fn
+
+    def train_apply_fn(self, p_uncond: float = 0.0):
+        """``apply_fn(params, x_t, t, batch, key, *, frozen)`` (trainable params; ``frozen`` from
+        :meth:`frozen_params`) on ``batch['input_ids']``, ``batch['attention_mask']``; captions become
+        ``""`` with probability ``p_uncond`` (classifier-free guidance training)."""
+        null_ids, null_mask = (jnp.asarray(a) for a in self.tokenize([""]))
+
+        def apply_fn(params, x_t, t, batch, key, *, frozen):
+            drop_key, dropout_key = jax.random.split(key)
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            if p_uncond > 0:
+                drop = jax.random.bernoulli(drop_key, p_uncond, (ids.shape[0], 1))
+                ids, mask = jnp.where(drop, null_ids, ids), jnp.where(drop, null_mask, mask)
+            return self.apply(self.full_params(params, frozen), x_t, t, ids, mask, train=True, key=dropout_key)
+
+        return apply_fn
+
+
+@dataclasses.dataclass(eq=False)
 class VAEModel:
     """A KL autoencoder (:class:`jaxdiff.nn.vae.AutoencoderKL`) and the image shape it works on;
     every method is a pure function of explicit params.
@@ -243,20 +379,27 @@ class LatentAutoencoder:
     vae: VAEModel
     params: Any
     scale_factor: float
-    workdir: str
+    workdir: str  # the VAE run, or the Stable Diffusion folder whose vae/ this is
     step: int
     config: ml_collections.ConfigDict | None = None
+    shift_factor: float | None = None  # diffusers' shift_factor: latents are (z - shift) * scale
+    encode_chunk: int = 256  # images per compiled encoder call
 
     def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 [N, H, W, C] -> scaled posterior (mean, std), float32 NumPy [N, h, w, c] each
         (computed on this process's own device, in fixed-size chunks: one compilation for any N)."""
-        mean, std = self.vae.encode_images(self.params, images)
+        mean, std = self.vae.encode_images(self.params, images, chunk=self.encode_chunk)
         s = np.float32(self.scale_factor)
+        if self.shift_factor is not None:
+            mean = mean - np.float32(self.shift_factor)
         return mean * s, std * s
 
     def decode(self, z: jax.Array) -> jax.Array:
         """Scaled latents [B, h, w, c] -> images [B, H, W, C] float32 (about [-1, 1])."""
-        return self.vae.decode(self.params, jnp.asarray(z, jnp.float32) / jnp.float32(self.scale_factor))
+        z = jnp.asarray(z, jnp.float32) / jnp.float32(self.scale_factor)
+        if self.shift_factor is not None:
+            z = z + jnp.float32(self.shift_factor)
+        return self.vae.decode(self.params, z)
 
 
 def latent_statistics(mean: np.ndarray, std: np.ndarray, seed: int = 0) -> dict:

@@ -15,7 +15,7 @@ import ml_collections
 from jaxdiff import parallel
 from jaxdiff.models import DiffusionModel
 from jaxdiff.schedules import Schedule
-from jaxdiff.train.build import build_model, build_schedule, load_vae
+from jaxdiff.train.build import build_model, build_schedule, load_pretrained, load_vae, place
 from jaxdiff.train.checkpoint import CheckpointError, Checkpointer
 
 __all__ = ["CheckpointError", "Run", "load_run"]  # CheckpointError: what load_run raises for a broken run
@@ -36,7 +36,11 @@ def load_run(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | No
     The params are replicated over ``mesh`` (default: all devices, :func:`jaxdiff.parallel.make_mesh`),
     so :func:`generate` splits its batches over them, on every process of a multi-process job.
     For a latent diffusion run the model carries its autoencoder (the VAE run and checkpoint step
-    recorded in the run's metadata), so :func:`generate` returns decoded pixels."""
+    recorded in the run's metadata), so :func:`generate` returns decoded pixels.
+
+    A fine-tuned Stable Diffusion run (``model.pretrained``) reads its frozen weights from the folder
+    its metadata records; ``params`` are then the full ``{"unet", "text_encoder"}`` (a LoRA run's EMA
+    adapters merged into the base U-Net once, here) and the model decodes with the folder's VAE."""
     ckpt = Checkpointer(workdir, read_only=True)
     try:
         step = ckpt.latest_step() if step is None else step
@@ -49,6 +53,8 @@ def load_run(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | No
                 "diffusion model on it and sample from that run: python -m experiments.train "
                 f"--config=experiments/configs/ldm_digits.py --config.vae.workdir={workdir}")
         config = ml_collections.ConfigDict(meta["config"])
+        if meta.get("pretrained"):
+            return _load_pretrained_run(ckpt, meta, config, step, mesh)
         autoencoder = None
         if meta.get("vae"):
             v = meta["vae"]
@@ -62,3 +68,24 @@ def load_run(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | No
     finally:
         ckpt.close()
     return Run(config=config, model=model, schedule=build_schedule(config), params=state, step=step)
+
+
+def _load_pretrained_run(ckpt: Checkpointer, meta: dict, config: ml_collections.ConfigDict, step: int,
+                         mesh: jax.sharding.Mesh | None) -> Run:
+    folder = meta["pretrained"]["folder"]
+    try:
+        config, model = load_pretrained(config)
+    except ValueError as e:
+        raise FileNotFoundError(f"The run {ckpt.directory} fine-tunes {folder}, which cannot be loaded now ({e}); "
+                                "the frozen weights come from that folder: restore it there.") from e
+    if list(model.image_shape) != meta["model"]["image_shape"]:
+        raise CheckpointError(f"{folder} now makes latents {list(model.image_shape)}, but the run was trained on "
+                              f"{meta['model']['image_shape']}.")
+    sharding = parallel.replicated(mesh if mesh is not None else parallel.make_mesh())
+    abstract = jax.eval_shape(model.init_params, jax.random.key(0))
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
+    ema = ckpt.restore_subtree(step, "ema_params", target)
+    frozen = model.frozen_params(model.base)
+    frozen = place(frozen, jax.tree.map(lambda _: sharding, frozen))
+    params = jax.jit(model.full_params, out_shardings=sharding)(ema, frozen)  # LoRA: merged once
+    return Run(config=config, model=model, schedule=build_schedule(config), params=params, step=step)

@@ -23,22 +23,28 @@ class LatentDataset:
     ``encode(uint8 images) -> (mean, std)``, ``vae.latent_shape``, ``workdir``, ``step`` and
     ``scale_factor``.
 
+    ``cache=False``: nothing is kept; every batch reads and encodes its rows again (memory stays
+    flat for datasets whose latents would not fit; each step pays the encoder). The batches are the
+    same either way.
+
     Attributes as :class:`ImageDataset`: ``name``, ``split``, ``batch_size``, ``seed``,
     ``num_examples``, ``num_classes``, ``image_shape`` (the latent shape), plus ``autoencoder``.
     """
 
-    def __init__(self, images: ImageDataset, autoencoder: Any, *, sample_posterior: bool = True):
+    def __init__(self, images: ImageDataset, autoencoder: Any, *, sample_posterior: bool = True, cache: bool = True):
         self.images, self.autoencoder, self.sample_posterior = images, autoencoder, bool(sample_posterior)
+        self.cache = bool(cache)
         self.name, self.split = images.name, images.split
         self.batch_size, self.seed, self.num_examples = images.batch_size, images.seed, images.num_examples
         self.num_classes, self.class_names = images.num_classes, images.class_names
         self.image_shape = tuple(autoencoder.vae.latent_shape)
         self.annotation_keys = tuple(getattr(images, "annotation_keys", ()))
-        self._mean = np.empty((self.num_examples, *self.image_shape), np.float32)
+        n = self.num_examples if self.cache else 0
+        self._mean = np.empty((n, *self.image_shape), np.float32)
         self._std = np.empty_like(self._mean)
-        self._labels = np.zeros((self.num_examples,), np.int32)
+        self._labels = np.zeros((n,), np.int32)
         self._annotations: dict[str, np.ndarray] = {}  # filled with the latents: each image is read once
-        self._encoded = np.zeros((self.num_examples,), bool)
+        self._encoded = np.zeros((n,), bool)
 
     def __repr__(self) -> str:
         return (f"LatentDataset({self.name!r}, {self.split!r}, batch_size={self.batch_size}, "
@@ -47,7 +53,9 @@ class LatentDataset:
 
     def latents(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Scaled posterior ``(mean, std)`` of examples ``indices``: float32 [n, h, w, c] each,
-        encoding those not encoded yet."""
+        encoding those not encoded yet (``cache=False``: encoding them now)."""
+        if not self.cache:
+            return self.autoencoder.encode(self.images.read(np.asarray(indices, np.int64))[0])
         self._encode(np.asarray(indices, np.int64))
         return self._mean[indices], self._std[indices]
 
@@ -75,6 +83,8 @@ class LatentDataset:
         idx = self.images.indices(int(step))
         if rows is not None:
             idx = idx[np.asarray(rows)]
+        if not self.cache:
+            return self._encoded_batch(int(step), idx, rows)
         z, std = self.latents(idx)
         if self.sample_posterior:
             eps = np.random.Generator(np.random.PCG64([self.seed, int(step), 2])).standard_normal(
@@ -86,6 +96,21 @@ class LatentDataset:
         for k in self.annotation_keys:  # captions (str) and attribute ids, as ImageDataset
             v = self._annotations[k][idx]
             out[k] = v.astype(str) if v.dtype == object else v
+        return out
+
+    def _encoded_batch(self, step: int, idx: np.ndarray, rows: np.ndarray | None) -> dict[str, np.ndarray]:
+        """``cache=False``: read and encode the rows of batch ``step`` now (the same values as cached)."""
+        pixels, labels, annotations = self.images.read(idx)
+        z, std = self.autoencoder.encode(pixels)
+        if self.sample_posterior:
+            eps = np.random.Generator(np.random.PCG64([self.seed, step, 2])).standard_normal(
+                (self.batch_size, *self.image_shape), np.float32)
+            z = z + std * (eps if rows is None else eps[np.asarray(rows)])
+        out = {"image": z}
+        if self.num_classes is not None:
+            out["label"] = labels
+        for k in self.annotation_keys:
+            out[k] = annotations[k]
         return out
 
     def iterate(self, start_step: int = 0, prefetch: int = 0, rows: np.ndarray | None = None):

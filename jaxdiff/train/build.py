@@ -9,18 +9,28 @@ Latent diffusion: a config with ``vae.workdir`` set trains the U-Net on ``scale_
 frozen KL autoencoder trained by ``experiments/configs/vae_*.py`` (:func:`load_vae`,
 :class:`jaxdiff.data.latent.LatentDataset`); the model then carries the autoencoder, so sampling
 returns pixels for pixel-space and latent runs alike.
+
+Fine-tuning Stable Diffusion: a config with ``model.pretrained`` set (``experiments/configs/sd_finetune.py``)
+names a diffusers SD 1.x folder; :func:`load_pretrained` reads it once (U-Net, frozen VAE and CLIP
+text encoder, tokenizer, the noise schedule and prediction type of ``scheduler/scheduler_config.json``,
+the VAE's ``scaling_factor``) into a :class:`jaxdiff.models.PretrainedTextDiffusionModel`.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from jaxdiff.data import ImageDataset
 from jaxdiff.data.latent import LatentDataset
-from jaxdiff.models import DTYPES, DiffusionModel, LatentAutoencoder, TextDiffusionModel, VAEModel
+from jaxdiff import text_to_image
+from jaxdiff.models import (DTYPES, DiffusionModel, LatentAutoencoder, PretrainedTextDiffusionModel,
+                            TextDiffusionModel, VAEModel)
 from jaxdiff.nn.discriminator import PatchDiscriminator
 from jaxdiff.nn.text import CLIPTextTransformer
 from jaxdiff.nn.unet import UNet
@@ -36,10 +46,26 @@ def is_latent(config: ml_collections.ConfigDict) -> bool:
     return config.get("task", "diffusion") != "vae" and bool(config.get("vae") and config.vae.get("workdir"))
 
 
-def make_dataset(config: ml_collections.ConfigDict, split: str = "train", *, vae_step: int | None = None):
+def make_dataset(config: ml_collections.ConfigDict, split: str = "train", *, vae_step: int | None = None,
+                 autoencoder: LatentAutoencoder | None = None):
     """The config's :class:`ImageDataset`; for a latent config the :class:`LatentDataset` of its VAE
-    (at ``vae_step``, default ``config.vae.step`` or the VAE run's latest checkpoint)."""
+    (at ``vae_step``, default ``config.vae.step`` or the VAE run's latest checkpoint); for a
+    ``model.pretrained`` config the :class:`LatentDataset` of the folder's VAE (``autoencoder``, the
+    model's from :func:`load_pretrained`), cached in memory unless ``data.cache_latents`` is False."""
     images = _image_dataset(config, split)
+    if is_pretrained(config):
+        if autoencoder is None:
+            raise ValueError("make_dataset: a model.pretrained config needs the model's autoencoder "
+                             "(build.load_pretrained(config)[1].autoencoder).")
+        if tuple(images.image_shape) != tuple(autoencoder.vae.image_shape):
+            raise ValueError(f"The data's images are {tuple(images.image_shape)} but the model encodes "
+                             f"{tuple(autoencoder.vae.image_shape)}.")
+        if "caption" not in images.annotation_keys:
+            raise ValueError(f"Fine-tuning {config.model.pretrained} needs captioned images: {images.name} has no "
+                             "captions (a folder with metadata.jsonl or a .txt beside each image, and "
+                             "data.conditional=True).")
+        return LatentDataset(images, autoencoder, sample_posterior=True,
+                             cache=bool(config.data.get("cache_latents", True)))
     if not is_latent(config):
         return images
     if vae_step is None:
@@ -68,6 +94,9 @@ def _image_dataset(config: ml_collections.ConfigDict, split: str) -> ImageDatase
 
 
 def build_schedule(config: ml_collections.ConfigDict) -> Schedule:
+    """The config's noise schedule; for ``model.pretrained`` the folder's own (its scheduler_config.json)."""
+    if is_pretrained(config):
+        return text_to_image.build_schedule(pretrained_scheduler(config.model.pretrained))
     d = config.diffusion
     options = dict(d.get("schedule_options", {}) or {})
     return make_schedule(d.schedule, d.num_timesteps, **options)
@@ -136,6 +165,123 @@ def build_text_model(config: ml_collections.ConfigDict, image_shape,
                               tokenizer=tokenizer, max_length=int(tc.max_length))
 
 
+# ----------------------------------------------------------------------------- pretrained folders
+def is_pretrained(config: ml_collections.ConfigDict) -> bool:
+    """True for a config that fine-tunes a Stable Diffusion folder (it has a ``model.pretrained`` key;
+    an empty one is an error :func:`load_pretrained` reports)."""
+    return "model" in config and "pretrained" in config.model
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def pretrained_scheduler(folder: str) -> "text_to_image.SchedulerConfig":
+    """The :class:`jaxdiff.text_to_image.SchedulerConfig` of a folder's ``scheduler/scheduler_config.json``."""
+    path = os.path.join(os.path.expanduser(folder), "scheduler", "scheduler_config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return text_to_image.SchedulerConfig.from_diffusers(json.load(f), path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"model.pretrained={folder}: cannot read its scheduler config ({_one_line(e)}).") from e
+
+
+def _check_pretrained_config(config: ml_collections.ConfigDict) -> str:
+    m = config.model
+    folder = os.path.abspath(os.path.expanduser(str(m.get("pretrained") or "")))
+    given = m.get("pretrained")
+    if not given:
+        raise ValueError("model.pretrained is not set: give --config.model.pretrained=PATH, a Stable Diffusion 1.x "
+                         "folder in diffusers layout (unet/ vae/ text_encoder/ tokenizer/ scheduler/).")
+    if not os.path.isdir(folder):
+        raise ValueError(f"model.pretrained={given}: no such folder; give a Stable Diffusion 1.x folder in diffusers "
+                         "layout (unet/ vae/ text_encoder/ tokenizer/ scheduler/).")
+    if m.get("dtype", "float32") not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {list(DTYPES)}, got {m.dtype!r}.")
+    rank = m.get("lora_rank", 0)
+    if not isinstance(rank, int) or rank < 0:
+        raise ValueError(f"model.lora_rank must be an int >= 0 (0 = full fine-tuning), got {rank!r}.")
+    if rank:
+        if not float(m.get("lora_alpha", rank)) > 0:
+            raise ValueError(f"model.lora_alpha must be > 0, got {m.get('lora_alpha')!r}.")
+        if not tuple(m.get("lora_targets", ()) or ()):
+            raise ValueError("model.lora_targets is empty: name the layers to adapt as diffusers/peft do, e.g. "
+                             "('to_q', 'to_k', 'to_v', 'to_out.0').")
+    if not config.data.get("name"):
+        raise ValueError("data.name is not set: give --config.data.name=folder:PATH, a folder of images captioned by "
+                         "metadata.jsonl or a .txt beside each image.")
+    p = config.diffusion.get("prediction", "")
+    if p and p not in ("eps", "v", "x0"):
+        raise ValueError(f"diffusion.prediction must be '' (the folder's), 'eps', 'v' or 'x0', got {p!r}.")
+    return folder
+
+
+def load_pretrained(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict,
+                                                                PretrainedTextDiffusionModel]:
+    """Read the Stable Diffusion folder of ``config.model.pretrained`` once: ``(config, model)``.
+
+    The returned config is a copy with ``model.pretrained`` made absolute and the folder's facts
+    filled in where the config leaves them open: ``diffusion.prediction`` ("" = the scheduler's
+    ``prediction_type``), ``diffusion.num_timesteps`` and ``diffusion.schedule`` (``"pretrained"``:
+    :func:`build_schedule` reads the folder's). ``model.dtype`` is the compute dtype of the U-Net and
+    text encoder (params stay float32), ``model.remat`` rematerialises the U-Net's blocks; the VAE
+    encodes in float32. Raises ``ValueError`` (one line) for a missing or invalid folder or setting."""
+    folder = _check_pretrained_config(config)
+    m = config.model
+    dtype = DTYPES[m.get("dtype", "float32")]
+    try:
+        sd = text_to_image.load_stable_diffusion(folder, dtype=dtype)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"model.pretrained={m.pretrained}: {_one_line(e)}") from e
+    scheduler = sd.scheduler
+    config = ml_collections.ConfigDict(config.to_dict())  # a copy: the caller's (locked) config is left alone
+    config.model.pretrained = folder
+    if not config.diffusion.get("prediction"):
+        config.diffusion.prediction = scheduler.prediction
+    config.diffusion.num_timesteps = scheduler.num_train_timesteps
+    config.diffusion.schedule = "pretrained"
+
+    size = config.data.get("image_size") or sd.default_size
+    f = sd.vae_scale_factor
+    unet_f = 2 ** (len(sd.unet.block_out_channels) - 1)
+    if size % (f * unet_f):
+        raise ValueError(f"data.image_size={size} must be a multiple of {f * unet_f} for {folder} (VAE factor {f} x "
+                         f"U-Net downsampling {unet_f}); its native size is {sd.default_size}.")
+    config.data.image_size = int(size)
+    params = jax.device_get(sd.params)  # host copies: placed on the mesh by the loop
+    vae_params = jax.device_put(params["vae"], jax.local_devices()[0])  # encoding is per process
+    vae = VAEModel(sd.vae.clone(dtype=jnp.float32), (size, size, int(sd.vae.in_channels)))
+    autoencoder = LatentAutoencoder(vae, vae_params, sd.scaling_factor, folder, 0,
+                                    shift_factor=sd.vae.shift_factor,
+                                    encode_chunk=int(config.data.get("encode_batch_size", 8) or 8))
+    targets = tuple(m.get("lora_targets", ()) or ())
+    rank = int(m.get("lora_rank", 0))
+    model = PretrainedTextDiffusionModel(
+        sd.unet.clone(remat=bool(m.get("remat", False))), tuple(int(s) for s in vae.latent_shape), None, autoencoder,
+        text_encoder=sd.text_encoder, tokenizer=sd.tokenizer,
+        base={"unet": params["unet"], "text_encoder": params["text_encoder"]}, folder=folder,
+        use_attention_mask=sd.use_attention_mask, train_text_encoder=bool(config.train.get("text_encoder", False)),
+        lora_rank=rank, lora_alpha=float(m.get("lora_alpha", rank) or rank), lora_targets=targets)
+    if rank:
+        from jaxdiff.nn import lora
+
+        try:
+            lora.lora_targets(model.base["unet"], targets)
+        except ValueError as e:
+            raise ValueError(f"model.lora_targets={list(targets)}: {_one_line(e)} (the U-Net of {folder}).") from e
+    return config, model
+
+
+def place(tree, shardings):
+    """Host arrays (the same on every process) -> global arrays laid out by ``shardings``; each process
+    transfers only its own shards (works for any number of processes)."""
+    def one(x, s):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+
+    return jax.tree.map(one, tree, shardings)
+
+
 def run_metadata(config: ml_collections.ConfigDict, dataset: ImageDataset, model: DiffusionModel) -> dict:
     """JSON-able facts stored with every checkpoint (what sampling needs without the config file).
 
@@ -149,12 +295,22 @@ def run_metadata(config: ml_collections.ConfigDict, dataset: ImageDataset, model
             "image_shape": list(model.image_shape),
             "num_classes": model.num_classes,
             "arch": {k: v for k, v in config.model.to_dict().items() if k not in ("dtype", "remat", "dropout")},
-            **({"text": config.text.to_dict()} if model.text_conditional else {}),
+            **({"text": config.text.to_dict()} if model.text_conditional and "text" in config else {}),
         })),
         "dataset": {"name": dataset.name, "num_examples": dataset.num_examples,
                     **({"class_names": dataset.class_names} if getattr(dataset, "class_names", None) else {})},
     }
-    if model.autoencoder is not None:
+    if isinstance(model, PretrainedTextDiffusionModel):  # the frozen weights come from the folder, not the checkpoint
+        ae = model.autoencoder
+        meta["pretrained"] = {
+            "folder": model.folder, "scaling_factor": ae.scale_factor, "shift_factor": ae.shift_factor,
+            "image_shape": list(ae.vae.image_shape), "latent_shape": list(model.image_shape),
+            "scheduler": dataclasses.asdict(pretrained_scheduler(model.folder)),
+            "trainable": sorted(jax.eval_shape(model.init_params, jax.random.key(0))),
+            "lora": ({"rank": model.lora_rank, "alpha": model.lora_alpha, "targets": list(model.lora_targets)}
+                     if model.lora else None),
+        }
+    elif model.autoencoder is not None:
         ae = model.autoencoder
         meta["vae"] = {"workdir": ae.workdir, "step": ae.step, "scale_factor": ae.scale_factor,
                        "image_shape": list(ae.vae.image_shape), "latent_shape": list(ae.vae.latent_shape)}

@@ -127,13 +127,14 @@ def _peek_meta(workdir: str) -> dict | None:
         ck.close()
 
 
-def _init_or_restore(ckpt: Checkpointer, init_state, state_shardings, meta: dict, keys=("model",)):
+def _init_or_restore(ckpt: Checkpointer, init_state, state_shardings, meta: dict, keys=("model",), init_args=()):
     """Restore the newest readable checkpoint into ``state_shardings`` (refusing one whose ``meta[key]``
-    differ), or initialise directly into the target shardings (no full replica on one device first).
+    differ), or initialise directly into the target shardings (no full replica on one device first):
+    ``init_state(*init_args)``, jitted (pretrained weights come in as ``init_args``, never as constants).
 
     An unreadable checkpoint (truncated or corrupted files) is reported by step and path, moved to
     ``checkpoints.corrupt/`` (never deleted) and the next older one is tried."""
-    abstract = jax.eval_shape(init_state)
+    abstract = jax.eval_shape(init_state, *init_args)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings)
     unreadable = []
     for step in sorted(ckpt.all_steps(), reverse=True):
@@ -161,7 +162,7 @@ def _init_or_restore(ckpt: Checkpointer, init_state, state_shardings, meta: dict
         raise CheckpointError(
             f"No checkpoint in {ckpt.directory} could be read; moved aside (kept): {', '.join(unreadable)}. "
             "Move one back once it is readable to resume, or use a new --workdir to start over.")
-    return jax.jit(init_state, out_shardings=state_shardings)()
+    return jax.jit(init_state, out_shardings=state_shardings)(*init_args)
 
 
 def _set_aside(ckpt: Checkpointer, step: int, error: BaseException) -> str:
@@ -188,20 +189,40 @@ def _train_diffusion(config: ml_collections.ConfigDict, workdir: str, mesh) -> d
                     f"The checkpoint in {workdir} was trained on latents of the VAE run {saved['vae']['workdir']}, "
                     f"not {want}. Use a new --workdir, or the old vae.workdir.")
             vae_step = int(saved["vae"]["step"])
-    dataset = build.make_dataset(config, split="train", vae_step=vae_step)
-    if isinstance(dataset, LatentDataset):
+    model = None
+    if build.is_pretrained(config):  # a Stable Diffusion folder: read once (config copy with its schedule facts)
+        config, model = build.load_pretrained(config)
+        tc = config.train
+    dataset = build.make_dataset(config, split="train", vae_step=vae_step,
+                                 autoencoder=None if model is None else model.autoencoder)
+    if isinstance(dataset, LatentDataset) and parallel.is_writer():
         print(f"Latent diffusion on {dataset}", flush=True)
-    model = build.build_model(config, dataset.image_shape, dataset.num_classes,
+    if model is None:
+        model = build.build_model(config, dataset.image_shape, dataset.num_classes,
                                   getattr(dataset, "autoencoder", None))
     if model.text_conditional:  # captions -> token ids on the host (strings cannot be sharded)
         dataset = TokenizedCaptions(dataset, model)
     schedule = build.build_schedule(config)
     optimizer = _make_optimizer(tc)
 
-    def init_state():
-        return create_train_state(model.init_params(jax.random.key(config.seed)), optimizer)
+    frozen = frozen_shardings = None
+    init_args = ()
+    if isinstance(model, models.PretrainedTextDiffusionModel):
+        # The folder's weights go onto the mesh once, as arguments: the trainable part initialises the
+        # state, the rest (a frozen text encoder, the base U-Net under LoRA) is the step's `frozen`.
+        base_shardings = parallel.param_shardings(model.base, mesh)
+        base = build.place(model.base, base_shardings)
+        frozen = model.frozen_params(base)
+        frozen_shardings = model.frozen_params(base_shardings)
+        init_args = (base,)
 
-    abstract = jax.eval_shape(init_state)
+        def init_state(base):
+            return create_train_state(model.init_trainable(jax.random.key(config.seed), base), optimizer)
+    else:
+        def init_state():
+            return create_train_state(model.init_params(jax.random.key(config.seed)), optimizer)
+
+    abstract = jax.eval_shape(init_state, *init_args)
     state_shardings = TrainState(
         step=parallel.replicated(mesh),
         params=parallel.param_shardings(abstract.params, mesh),
@@ -210,7 +231,10 @@ def _train_diffusion(config: ml_collections.ConfigDict, workdir: str, mesh) -> d
     )
     ckpt = Checkpointer(workdir, max_to_keep=tc.get("keep_checkpoints", 3))
     meta = build.run_metadata(config, dataset, model)
-    state = _init_or_restore(ckpt, init_state, state_shardings, meta, keys=("model", "vae"))
+    state = _init_or_restore(ckpt, init_state, state_shardings, meta, keys=("model", "vae", "pretrained"),
+                             init_args=init_args)
+    del init_args
+    base = None  # the base U-Net of a full fine-tune lives on only in the state
     _write_config(config, workdir)
 
     step_fn = make_train_step(
@@ -222,16 +246,30 @@ def _train_diffusion(config: ml_collections.ConfigDict, workdir: str, mesh) -> d
         ema_decay=tc.ema_decay,
         seed=config.seed,
     )
-    train_step = _jit_step(step_fn, state_shardings, mesh)
+    train_step = _jit_step(step_fn, state_shardings, mesh, frozen_shardings)
+    if frozen is not None:
+        jitted = train_step
+
+        def train_step(state, batch):
+            return jitted(state, batch, frozen)
+
+        sampling_params = jax.jit(model.full_params, out_shardings=parallel.param_shardings(
+            jax.eval_shape(model.full_params, abstract.params, frozen), mesh))
+
+    def sample_params(state):
+        """What sampling takes: the EMA params (fine-tuning: merged with the frozen weights)."""
+        return state.ema_params if frozen is None else sampling_params(state.ema_params, frozen)
 
     def on_sample(done, state):
-        return _write_samples(config, model, schedule, state, workdir, f"samples_{done:07d}")
+        return _write_samples(config, model, schedule, sample_params(state), workdir, f"samples_{done:07d}")
 
     summary = _host_loop(config, workdir, mesh, dataset, state, lambda step: train_step, ckpt,
                          checkpoint_meta=lambda done, state: {**meta, "step": done}, on_sample=on_sample)
     state = summary["state"]
     if int(state.step) >= int(tc.num_steps) and tc.get("num_samples", 0):
-        summary["samples"] = _write_samples(config, model, schedule, state, workdir, "samples_final")
+        summary["samples"] = _write_samples(config, model, schedule, sample_params(state), workdir, "samples_final")
+    if frozen is not None:
+        summary["frozen"] = frozen
     return summary
 
 
@@ -242,10 +280,13 @@ def _write_config(config, workdir):
         f.write(config.to_json_best_effort(indent=2))
 
 
-def _jit_step(step_fn, state_shardings, mesh):
+def _jit_step(step_fn, state_shardings, mesh, frozen_shardings=None):
+    """``step_fn(state, batch)`` (or ``(state, batch, frozen)`` with ``frozen_shardings``) jitted over
+    the mesh, the state donated."""
+    frozen = () if frozen_shardings is None else (frozen_shardings,)
     return jax.jit(
         step_fn,
-        in_shardings=(state_shardings, parallel.data_sharding(mesh)),
+        in_shardings=(state_shardings, parallel.data_sharding(mesh), *frozen),
         out_shardings=(state_shardings, parallel.replicated(mesh)),
         donate_argnums=0,
         compiler_options=xla.compiler_options(mesh.devices.flat[0].platform) or None,
@@ -456,12 +497,14 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
     return summary
 
 
-def _write_samples(config, model, schedule, state, workdir, name) -> str:
+def _write_samples(config, model, schedule, params, workdir, name) -> str:
+    """Sample ``config.train.num_samples`` images with ``params`` (the EMA params, or a fine-tune's
+    full params) and write ``workdir/name.png`` and ``.npz``."""
     sc = config.sample
     path = os.path.join(workdir, name)
     if model.text_conditional:  # one column per prompt of sample.prompts
         prompts = generation.cycle_prompts(list(sc.prompts), config.train.num_samples)
-        images = generation.generate_text(model, state.ema_params, schedule, config, prompts=prompts,
+        images = generation.generate_text(model, params, schedule, config, prompts=prompts,
                                          key=jax.random.key(sc.get("seed", 0)))
         if parallel.is_writer():
             imgs.save_samples(path, images, ncol=min(len(sc.prompts), len(prompts)), prompts=prompts)
@@ -469,7 +512,7 @@ def _write_samples(config, model, schedule, state, workdir, name) -> str:
         return path + ".png"
     images, labels = generation.generate(
         model,
-        state.ema_params,
+        params,
         schedule,
         config,
         num=config.train.num_samples,

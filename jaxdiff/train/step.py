@@ -7,6 +7,7 @@ position are both ``step``: batch ``s`` is a pure function of ``(seed, s)`` (see
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping
 
 import jax
@@ -101,17 +102,23 @@ def make_train_step(
     The step's key is ``fold_in(key(seed), state.step)``. A non-finite loss or gradient leaves the
     whole state unchanged (``step`` included) and sets ``metrics['finite']`` to False, so the host
     loop can stop with the last good state.
+
+    Fine-tuning a pretrained model: ``train_step(state, batch, frozen)`` passes the weights that are
+    not trained (a frozen text encoder, the base U-Net under LoRA adapters) to
+    ``apply_fn(params, x_t, t, batch, key, frozen=frozen)``. They are an argument of the jitted step
+    (never baked in as constants), outside the state: no gradient, optimizer state, EMA or checkpoint.
     """
     base_key = jax.random.key(seed)
 
-    def loss_fn(params, batch, key):
+    def loss_fn(params, batch, key, frozen):
+        fn = apply_fn if frozen is None else functools.partial(apply_fn, frozen=frozen)
         return diffusion.diffusion_loss(
-            apply_fn, params, batch, key, schedule=schedule, prediction=prediction, min_snr_gamma=min_snr_gamma
+            fn, params, batch, key, schedule=schedule, prediction=prediction, min_snr_gamma=min_snr_gamma
         )
 
-    def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
+    def train_step(state: TrainState, batch: Mapping[str, jax.Array], frozen: Any = None):
         key = jax.random.fold_in(base_key, state.step)
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key, frozen)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
