@@ -11,6 +11,11 @@ What each run becomes (details: :mod:`jaxdiff.interop.export`):
   VAE (vae_*)             an AutoencoderKL folder
   text-to-image (t2i_*)   unet/ (UNet2DConditionModel), text_encoder/ (transformers CLIPTextModel),
                           tokenizer/ (vocabulary JSON: no transformers class), scheduler/, vae/ if latent
+  SD fine-tune            the base pipeline folder (model.pretrained) copied, with the trained unet/
+  (sd_finetune)           and, with train.text_encoder, the trained text_encoder/
+  SD LoRA (sd_finetune,   pytorch_lora_weights.safetensors (diffusers/peft names, alpha in the header):
+  model.lora_rank > 0)    StableDiffusionPipeline.from_pretrained(BASE).load_lora_weights(OUT) applies it;
+                          --merge: the whole pipeline, adapters merged into unet/
 
 EMA params by default (``--no-ema``: the raw params). The folder is written beside ``--out`` and
 renamed into place, so a failed export leaves nothing; a non-empty ``--out`` is refused unless
@@ -28,6 +33,8 @@ _OUT = flags.DEFINE_string("out", None, "Output folder (must not exist, or be em
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 _EMA = flags.DEFINE_boolean("ema", True, "Export the EMA params (--no-ema: the raw params).")
 _OVERWRITE = flags.DEFINE_boolean("overwrite", False, "Replace a non-empty --out folder.")
+_MERGE = flags.DEFINE_boolean("merge", False, "LoRA runs: write the whole pipeline with the adapters merged "
+                              "into the U-Net instead of the LoRA file.")
 
 
 def _raw_params(workdir: str, step: int, like):
@@ -61,7 +68,7 @@ def _task(workdir: str, step):
         ckpt.close()
 
 
-def _export(workdir: str, out: str, step, ema: bool, overwrite: bool) -> dict:
+def _export(workdir: str, out: str, step, ema: bool, overwrite: bool, merge: bool = False) -> dict:
     import jax
 
     from jaxdiff import runs
@@ -69,6 +76,9 @@ def _export(workdir: str, out: str, step, ema: bool, overwrite: bool) -> dict:
     from jaxdiff.train import build
 
     task, step, meta = _task(workdir, step)
+    if merge and not (meta.get("pretrained") or {}).get("lora"):
+        raise ValueError("--merge applies to LoRA runs of a Stable Diffusion folder (model.pretrained, "
+                         "model.lora_rank > 0) only; drop it")
     source = {"workdir": workdir, "step": int(step), "params": "ema" if ema else "raw"}
     if task == "vae":
         ae = build.load_vae(workdir, step)
@@ -76,6 +86,23 @@ def _export(workdir: str, out: str, step, ema: bool, overwrite: bool) -> dict:
         info = export.export_vae(out, ae.vae.module, jax.device_get(params), image_shape=ae.vae.image_shape,
                                  scaling_factor=ae.scale_factor, source=source, overwrite=overwrite)
         return info
+    if meta.get("pretrained"):  # a fine-tuned Stable Diffusion run (experiments/configs/sd_finetune.py)
+        run = runs.load_run(workdir, step)
+        base = meta["pretrained"]["folder"]
+        trained_text = bool(run.config.train.get("text_encoder", False))
+        trainable = run.trainable if ema else _raw_params(workdir, step, run.trainable)
+        if run.model.lora and not merge:
+            if trained_text:
+                raise ValueError("this LoRA run also trained the text encoder, which a LoRA file does not hold: "
+                                 "pass --merge to export the whole pipeline")
+            return export.export_sd_lora(out, jax.device_get(trainable["lora"]), rank=run.model.lora_rank,
+                                         alpha=run.model.lora_alpha, base_folder=base, overwrite=overwrite,
+                                         source=source)
+        params = run.params if ema else run.model.full_params(trainable, run.model.frozen_params(run.model.base))
+        params = jax.device_get(params)  # LoRA adapters merged into the base U-Net
+        return export.export_sd_pipeline(base, params["unet"], out,
+                                         text_encoder_params=params["text_encoder"] if trained_text else None,
+                                         overwrite=overwrite, source=source)
     run = runs.load_run(workdir, step)
     params = jax.device_get(run.params if ema else _raw_params(workdir, step, run.params))
     c = run.config
@@ -115,7 +142,7 @@ def main(argv):
         if not os.path.isdir(workdir):
             raise FileNotFoundError(f"No run at {workdir}: give --workdir a run directory (python -m "
                                     "experiments.train --workdir=... makes one).")
-        info = _export(workdir, out, _STEP.value, _EMA.value, _OVERWRITE.value)
+        info = _export(workdir, out, _STEP.value, _EMA.value, _OVERWRITE.value, _MERGE.value)
     except (FileExistsError, FileNotFoundError, CheckpointError, VAENotReadyError, ValueError) as e:
         return common.fail(" ".join(str(e).split()), 2)
     except Exception as e:

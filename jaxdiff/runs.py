@@ -28,6 +28,9 @@ class Run:
     schedule: Schedule
     params: Any  # EMA params
     step: int
+    # A fine-tuned Stable Diffusion run's EMA trainable params as checkpointed ({"lora"} adapters,
+    # unmerged, or {"unet"}; plus "text_encoder" when trained); None for other runs.
+    trainable: Any = None
 
 
 def load_run(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | None = None) -> Run:
@@ -88,4 +91,4 @@ def _load_pretrained_run(ckpt: Checkpointer, meta: dict, config: ml_collections.
     frozen = model.frozen_params(model.base)
     frozen = place(frozen, jax.tree.map(lambda _: sharding, frozen))
     params = jax.jit(model.full_params, out_shardings=sharding)(ema, frozen)  # LoRA: merged once
-    return Run(config=config, model=model, schedule=build_schedule(config), params=params, step=step)
+    return Run(config=config, model=model, schedule=build_schedule(config), params=params, step=step, trainable=ema)

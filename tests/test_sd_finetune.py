@@ -204,11 +204,14 @@ def _leaves_equal(a, b):
     return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora_rank", [0, 2])
 def test_finetune_resume_sample(sd_folder, images, data_dir, tmp_path, lora_rank):
-    """A captioned folder fine-tunes through the library's loop (2 steps), resumes to 3, loads with
-    load_run and samples; the folder's files, the frozen VAE and text encoder (and, under LoRA, the
-    base U-Net) stay bit-identical; a LoRA run's checkpoints hold only the adapters."""
+    """A captioned folder fine-tunes through the library's loop (2 steps) and loads with load_run; the
+    folder's files, the frozen VAE and text encoder (and, under LoRA, the base U-Net) stay
+    bit-identical. The LoRA run (the loop is the same for both) also resumes to 3 steps, samples, holds
+    only the adapters in its checkpoints, and exports a LoRA file (python -m experiments.export) that
+    diffusers' load_lora_weights + fuse_lora turn into the U-Net jaxdiff merged."""
     from jaxdiff import generation, runs
     from jaxdiff.train import build
     from jaxdiff.train.checkpoint import Checkpointer
@@ -216,11 +219,16 @@ def test_finetune_resume_sample(sd_folder, images, data_dir, tmp_path, lora_rank
 
     before = _digest(sd_folder)
     workdir = str(tmp_path / "run")
-    over = {"model.lora_rank": lora_rank, "model.lora_alpha": 2.0} if lora_rank else {}
+    over = {"model.lora_rank": lora_rank, "model.lora_alpha": 3.0} if lora_rank else {}
     s1 = train(_config(sd_folder, images, **over), workdir)
     assert s1["step"] == 2 and np.isfinite(s1["loss"])
-    s2 = train(_config(sd_folder, images, **over, **{"train.num_steps": 3}), workdir)
-    assert s2["step"] == 3 and s2["checkpoint_step"] == 3
+    last = 2
+    if lora_rank:
+        s2 = train(_config(sd_folder, images, **over, **{"train.num_steps": 3}), workdir)
+        assert s2["step"] == 3 and s2["checkpoint_step"] == 3
+        last = 3
+    else:
+        s2 = s1
 
     _, fresh = build.load_pretrained(_config(sd_folder, images, **over))
     trained = jax.device_get(s2["state"].params)
@@ -233,14 +241,14 @@ def test_finetune_resume_sample(sd_folder, images, data_dir, tmp_path, lora_rank
 
     ck = Checkpointer(workdir, read_only=True)
     try:
-        meta = ck.restore_meta(3)
+        meta = ck.restore_meta(last)
     finally:
         ck.close()
     assert meta["pretrained"]["folder"] == os.path.abspath(sd_folder)
     assert meta["pretrained"]["scaling_factor"] == 0.5 and meta["pretrained"]["trainable"] == sorted(trained)
     assert meta["config"]["diffusion"]["prediction"] == "eps"
     if lora_rank:
-        assert meta["pretrained"]["lora"] == {"rank": 2, "alpha": 2.0, "targets": ["to_k", "to_q", "to_v", "to_out.0"]}
+        assert meta["pretrained"]["lora"] == {"rank": 2, "alpha": 3.0, "targets": ["to_k", "to_q", "to_v", "to_out.0"]}
         saved = os.path.join(workdir, "checkpoints", "3")
         size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(saved) for f in fs)
         unet_bytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(fresh.base["unet"]))
@@ -254,14 +262,41 @@ def test_finetune_resume_sample(sd_folder, images, data_dir, tmp_path, lora_rank
     if lora_rank:  # merged once: the same as merging the EMA adapters by hand
         from jaxdiff.nn import lora
 
-        want = lora.merge(fresh.base["unet"], ema["lora"], alpha=2.0, rank=2)
+        want = lora.merge(fresh.base["unet"], ema["lora"], alpha=3.0, rank=2)
         assert max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
                    for a, b in zip(jax.tree.leaves(run.params["unet"]), jax.tree.leaves(want))) < 1e-6
     else:
         assert _leaves_equal(run.params["unet"], ema["unet"])
+        assert _digest(sd_folder) == before
+        return
     out = generation.generate_text(run.model, run.params, run.schedule, run.config, prompts=["a photo of a cat", "the dog"],
                                    key=jax.random.key(0))
     assert out.shape == (2, SIZE, SIZE, 3) and out.dtype == np.uint8 and out.std() > 0
+
+    # Export: the LoRA file, applied by diffusers/peft to the base pipeline, gives jaxdiff's merged U-Net.
+    exported = tmp_path / "lora"
+    r = subprocess.run([sys.executable, "-m", "experiments.export", f"--workdir={workdir}", f"--out={exported}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(os.listdir(exported)) == ["jaxdiff_export.json", "pytorch_lora_weights.safetensors"], r.stdout
+    assert "LoRA rank 2, alpha 3" in r.stdout
+    from jaxdiff.interop.unet2d_cond import unet2d_condition_params_to_diffusers
+
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(sd_folder, safety_checker=None)
+    pipe.load_lora_weights(str(exported))
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()  # the fused weights stay
+    theirs = {k: v.detach().numpy() for k, v in pipe.unet.state_dict().items()}
+    ours = unet2d_condition_params_to_diffusers(jax.device_get(run.params["unet"]), dict(pipe.unet.config))
+    assert sorted(ours) == sorted(theirs)
+    moved = [k for k in ours if "to_q" in k or "to_k" in k or "to_v" in k or "to_out.0" in k]
+    base_sd = diffusers.UNet2DConditionModel.from_pretrained(sd_folder, subfolder="unet").state_dict()
+    assert max(float(np.max(np.abs(theirs[k] - base_sd[k].numpy()))) for k in moved) > 0  # the adapters did something
+    for k in ours:
+        np.testing.assert_allclose(ours[k], theirs[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    r = subprocess.run([sys.executable, "-m", "experiments.export", f"--workdir={workdir}", f"--out={exported}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "not empty" in r.stderr and "Traceback" not in r.stderr
     assert _digest(sd_folder) == before
 
 

@@ -43,6 +43,9 @@ What each of our models becomes:
   text_encoder(ids, attention_mask=mask).last_hidden_state, encoder_attention_mask=mask)``.
 * Fine-tuned Stable Diffusion U-Net -> :func:`export_sd_pipeline`: the base pipeline folder's
   other components copied, ``unet/`` written with the base U-Net's config.
+* LoRA adapters of a fine-tuned Stable Diffusion U-Net -> :func:`export_sd_lora`: a folder with
+  ``pytorch_lora_weights.safetensors`` (diffusers' name; peft keys, alpha in the header) that
+  ``StableDiffusionPipeline.from_pretrained(BASE).load_lora_weights(out)`` applies to the base.
 
 Every folder also gets ``jaxdiff_export.json`` (what was exported, from where, the notes above
 that apply), which diffusers ignores.
@@ -74,7 +77,8 @@ PREDICTION_TYPES = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
 # The diffusers version the configs are written for (the one the tests load them with).
 DIFFUSERS_VERSION = "0.42.0"
 
-__all__ = ["check_output_folder", "ddpm_scheduler_config", "export_ddpm_pipeline", "export_sd_pipeline",
+__all__ = ["check_output_folder", "ddpm_scheduler_config", "export_ddpm_pipeline", "export_sd_lora",
+           "export_sd_pipeline",
            "export_text_to_image", "export_vae", "save_clip_text", "save_scheduler",
            "save_unet2d", "save_unet2d_condition", "save_vae", "save_word_tokenizer",
            "word_tokenizer_from_folder", "staged_folder"]
@@ -488,5 +492,31 @@ def export_sd_pipeline(base_folder: str, unet_params: Mapping, out: str, *,
         components["others"] = f"copied from {base}"
         info = _info("StableDiffusion pipeline (fine-tuned " + ", ".join(
             f"{r}/" for r in sorted(replaced)) + ")", components, [], source)
+        _write_json(os.path.join(tmp, INFO_NAME), info)
+    return info
+
+
+def export_sd_lora(out: str, lora_params: Mapping, *, rank: int, alpha: float, base_folder: str,
+                   dtype: Any = np.float32, overwrite: bool = False,
+                   source: Optional[Mapping] = None) -> dict:
+    """LoRA adapters of a fine-tuned Stable Diffusion U-Net -> a folder holding
+    ``pytorch_lora_weights.safetensors`` (:func:`jaxdiff.interop.lora.save_diffusers_lora`: peft
+    key names, ``alpha`` in the ``lora_adapter_metadata`` header) and ``jaxdiff_export.json``
+    naming the base folder. Load it on the base pipeline with
+    ``StableDiffusionPipeline.from_pretrained(base_folder).load_lora_weights(out)``.
+    ``lora_params``: the adapters tree of :mod:`jaxdiff.nn.lora` (a run's ``trainable["lora"]``);
+    ``dtype``: of the stored tensors (float16 halves the file)."""
+    from jaxdiff.interop.lora import WEIGHT_NAME, save_diffusers_lora
+
+    base = os.path.abspath(os.path.expanduser(base_folder))
+    with staged_folder(out, overwrite) as tmp:
+        save_diffusers_lora(os.path.join(tmp, WEIGHT_NAME), lora_params, alpha=alpha, rank=rank,
+                            dtype=dtype)
+        components = {".": f"{WEIGHT_NAME} (LoRA rank {rank}, alpha {alpha:g}: load_lora_weights "
+                           f"on {base})"}
+        notes = [f"LoRA adapters only: load {base} (the base pipeline) and call "
+                 "pipe.load_lora_weights(this folder); --merge writes a whole pipeline instead"]
+        info = _info("StableDiffusion LoRA (U-Net attention adapters)", components, notes, source)
+        info["base"] = base
         _write_json(os.path.join(tmp, INFO_NAME), info)
     return info
