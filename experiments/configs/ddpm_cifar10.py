@@ -53,6 +53,12 @@ def get_config():
     c.train.keep_checkpoints = 3
     c.train.sample_every = 50_000
     c.train.num_samples = 64
+    # FID during training: set eval_every (e.g. 50_000) and eval_inception (the converted FID Inception,
+    # python -m jaxdiff.interop.inception --convert ...); the reference is the train split (cached).
+    c.train.eval_every = 0  # 0 = off
+    c.train.eval_num = 10_000
+    c.train.eval_inception = ""
+    c.train.eval_fid_ref = ""  # "" = cifar10:train; or a stats .npz (mu, sigma)
 
     c.sample = ml_collections.ConfigDict()
     c.sample.method = "ddpm"

@@ -71,6 +71,11 @@ def get_config():
     c.train.keep_checkpoints = 2
     c.train.sample_every = 0  # 0 = only at the end
     c.train.num_samples = 4
+    # FID of sample.prompts (cycled) vs the folder during training: eval_every > 0 and eval_inception
+    c.train.eval_every = 0  # 0 = off
+    c.train.eval_num = 100
+    c.train.eval_inception = ""
+    c.train.eval_fid_ref = ""
 
     c.sample = ml_collections.ConfigDict()
     c.sample.method = "dpmpp_2m"

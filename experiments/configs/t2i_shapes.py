@@ -61,6 +61,8 @@ def get_config():
     c.train.batch_size = 64
     c.train.checkpoint_every = 500
     c.train.num_samples = 36
+    c.train.eval_every = 500  # prompt adherence (colour, position, shape read from the pixels) as eval/...
+    c.train.eval_num = 189  # every (shape, colour, position) prompt once
 
     c.sample.guidance = 3.0
     c.sample.prompts = [shapes.caption(s, col, p) for s, col, p in

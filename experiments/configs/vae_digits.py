@@ -63,4 +63,5 @@ def get_config():
     c.train.log_every = 50
     c.train.checkpoint_every = 300
     c.train.keep_checkpoints = 2
+    c.train.eval_every = 0  # > 0: test PSNR (eval/test_psnr) every eval_every steps; 0 = at checkpoints
     return c

@@ -29,6 +29,7 @@ from jaxdiff import generation, models, parallel, xla
 from jaxdiff import images as imgs
 from jaxdiff.data.captions import TokenizedCaptions
 from jaxdiff.data.latent import LatentDataset
+from jaxdiff.eval import in_training
 from jaxdiff.train import build
 from jaxdiff.train.checkpoint import Checkpointer, CheckpointError
 from jaxdiff.train.metrics import MetricWriter
@@ -67,6 +68,39 @@ def _validate_config(config: ml_collections.ConfigDict) -> None:
     for key in ("num_steps", "batch_size", "checkpoint_every", "log_every"):
         if int(t.get(key, 1)) < 1:
             raise ValueError(f"train.{key} must be >= 1, got {t.get(key)}.")
+    every = t.get("eval_every", 0)
+    if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 0:
+        raise ValueError(f"train.eval_every must be an int >= 0 (steps between evaluations; 0 = off), got {every!r}.")
+    num = t.get("eval_num", 100)
+    if every and (isinstance(num, bool) or not isinstance(num, (int, np.integer)) or num < 2):
+        raise ValueError(f"train.eval_num must be an int >= 2 (samples per evaluation), got {num!r}.")
+    for key in ("eval_inception", "eval_fid_ref"):
+        if not isinstance(t.get(key, "") or "", str):
+            raise ValueError(f"train.{key} must be a path string, got {t.get(key)!r}.")
+    inception = t.get("eval_inception", "") or ""
+    if every and inception and not os.path.isfile(os.path.expanduser(inception)):
+        from jaxdiff.interop.inception import CONVERT_HINT
+
+        raise ValueError(f"train.eval_inception={inception}: no such file (the FID Inception weights); {CONVERT_HINT}.")
+    if t.get("eval_fid_ref", "") and not inception:
+        raise ValueError("train.eval_fid_ref is set but train.eval_inception is not: FID needs the Inception weights.")
+
+
+def eval_settings(config: ml_collections.ConfigDict) -> in_training.EvalSettings:
+    """The ``train.eval_*`` keys of ``config`` (absent keys: evaluation off) as typed settings."""
+    t, d = config.train, config.data
+    return in_training.EvalSettings(
+        every=int(t.get("eval_every", 0)),
+        num=int(t.get("eval_num", 100)),
+        seed=int(config.get("sample", {}).get("seed", 0)),
+        inception=os.path.expanduser(t.get("eval_inception", "") or ""),
+        fid_ref=t.get("eval_fid_ref", "") or "",
+        data_name=d.name,
+        data_dir=d.get("data_dir") or None,
+        image_size=d.get("image_size") or None,
+        holdout=d.get("holdout") or None,
+        prompts=tuple(config.get("sample", {}).get("prompts", ()) or ()),
+    )
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | None = None) -> dict:
@@ -83,8 +117,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int |
     as Orbax does). SIGTERM (a preemption notice) to any process: all save a checkpoint at the step
     they agree on and return with ``preempted`` True; re-running resumes there.
 
+    Evaluation (``train.eval_every`` > 0): every ``eval_every`` steps and at the last step, the
+    job's metrics on a fixed-key sample set of ``train.eval_num`` images from the EMA params
+    (:mod:`jaxdiff.eval.in_training`: digits classifier accuracy / Frechet and the SVM judge,
+    shapes prompt adherence, FID with ``train.eval_inception``; a VAE's test PSNR), logged as
+    ``eval/...`` scalars to ``metrics.jsonl`` and TensorBoard, one line printed per evaluation.
+
     Returns a summary dict: final ``step``, last ``loss``, ``steps_per_sec``, the last checkpoint
-    step, the sample grid path, ``preempted`` and the final ``state`` (a :class:`TrainState`).
+    step, the sample grid path, ``preempted``, ``eval`` (the last evaluation's scalars, {} if none)
+    and the final ``state`` (a :class:`TrainState`).
     Raises :class:`TrainingDivergedError` on a NaN/Inf loss, :class:`CheckpointError` when a
     checkpoint cannot be written (earlier ones stay intact), ``PermissionError`` for an unwritable
     workdir, ``ValueError`` for a bad config or batch size, and
@@ -263,14 +304,39 @@ def _train_diffusion(config: ml_collections.ConfigDict, workdir: str, mesh) -> d
     def on_sample(done, state):
         return _write_samples(config, model, schedule, sample_params(state), workdir, f"samples_{done:07d}")
 
+    on_eval = None
+    evaluator = _make_evaluator(config, model, schedule, mesh)
+    if evaluator is not None:
+        def on_eval(done, state):
+            scalars = evaluator(sample_params(state))
+            if parallel.is_writer():
+                print("\n" + evaluator.line(done, scalars), flush=True)
+            return scalars
+
     summary = _host_loop(config, workdir, mesh, dataset, state, lambda step: train_step, ckpt,
-                         checkpoint_meta=lambda done, state: {**meta, "step": done}, on_sample=on_sample)
+                         checkpoint_meta=lambda done, state: {**meta, "step": done}, on_sample=on_sample,
+                         on_eval=on_eval)
     state = summary["state"]
     if int(state.step) >= int(tc.num_steps) and tc.get("num_samples", 0):
         summary["samples"] = _write_samples(config, model, schedule, sample_params(state), workdir, "samples_final")
     if frozen is not None:
         summary["frozen"] = frozen
     return summary
+
+
+def _make_evaluator(config, model, schedule, mesh) -> in_training.InTrainingEval | None:
+    """The run's in-training evaluation (:mod:`jaxdiff.eval.in_training`), or None when
+    ``train.eval_every`` is 0 or no metric fits the run (then a one-line notice)."""
+    settings = eval_settings(config)
+    if not settings.every:
+        return None
+    if not in_training.choose_metrics(settings, model):
+        if parallel.is_writer():
+            print(f"note: train.eval_every={settings.every} but no in-training metric fits this run (data "
+                  f"{settings.data_name!r}); set train.eval_inception=WEIGHTS.safetensors for FID. Evaluation is off.",
+                  flush=True)
+        return None
+    return in_training.InTrainingEval(settings, model, schedule, config, mesh=mesh)
 
 
 def _write_config(config, workdir):
@@ -294,11 +360,15 @@ def _jit_step(step_fn, state_shardings, mesh, frozen_shardings=None):
 
 
 def _host_loop(config, workdir, mesh, dataset, state, step_for, ckpt, *, checkpoint_meta, on_sample=None,
-               on_checkpoint=None) -> dict:
+               on_checkpoint=None, on_eval=None) -> dict:
     """Run ``state, metrics = step_for(step)(state, batch)`` from ``state.step`` to
     ``config.train.num_steps``: metrics (fetched every ``log_every`` steps, not every step),
     checkpoints with ``checkpoint_meta(done, state)``, periodic samples (``on_sample(done, state)``)
-    and progress. ``on_checkpoint(done, state) -> {name: float}`` scalars are logged at each save.
+    and progress. ``on_checkpoint(done, state) -> {name: float}`` scalars are logged at each save;
+    ``on_eval(done, state) -> {name: float}`` every ``train.eval_every`` steps and at the last one
+    (after that step's checkpoint; every process calls it, the writer logs what it returns; the
+    time it takes is kept out of steps/s). A step's scalars (losses, checkpoint, eval) make one
+    metrics line. The summary's ``eval`` holds the last evaluation's scalars.
 
     Each process reads only its rows of every global batch (:func:`jaxdiff.parallel.host_rows`).
     A preemption notice (SIGTERM) saves a checkpoint at the step all processes agree on and stops."""
@@ -313,6 +383,10 @@ def _host_loop(config, workdir, mesh, dataset, state, step_for, ckpt, *, checkpo
     steps_per_sec = math.nan
     grid_path = None
     preempted = False
+    eval_every = int(tc.get("eval_every", 0)) if on_eval is not None else 0
+    last_eval: dict = {}
+    row: dict = {}  # the scalars of the current step, written as one line
+    done = start
 
     def flush():
         nonlocal last_loss
@@ -348,8 +422,7 @@ def _host_loop(config, workdir, mesh, dataset, state, step_for, ckpt, *, checkpo
                 steps_per_sec = (done - s_last) / max(now - t_last, 1e-9)
                 t_last, s_last = now, done
                 if out is not None:
-                    scalars = {**out[1], "steps_per_sec": steps_per_sec}
-                    writer.write(done, scalars)
+                    row.update(out[1], steps_per_sec=steps_per_sec)
                     bar.set_postfix(loss=f"{out[1]['loss']:.4f}", steps_s=f"{steps_per_sec:.2f}")
             preempted = parallel.reached_preemption(done) and done != num_steps
             if done % tc.checkpoint_every == 0 or done == num_steps or preempted:
@@ -357,8 +430,16 @@ def _host_loop(config, workdir, mesh, dataset, state, step_for, ckpt, *, checkpo
                 ckpt.save(done, state, checkpoint_meta(done, state))
                 last_good_ckpt = done
                 if on_checkpoint is not None:
-                    writer.write(done, on_checkpoint(done, state))
+                    row.update(on_checkpoint(done, state))
                 t_last, s_last = time.perf_counter(), done  # keep checkpoint work out of steps/s
+            if not preempted and eval_every and (done % eval_every == 0 or done == num_steps):
+                flush()
+                last_eval = on_eval(done, state)
+                row.update(last_eval)
+                t_last, s_last = time.perf_counter(), done
+            if row:  # one metrics line per step: losses, checkpoint and eval scalars together
+                writer.write(done, row)
+                row = {}
             if preempted:
                 break
             if on_sample is not None and tc.get("sample_every", 0) and done % tc.sample_every == 0 and done != num_steps:
@@ -368,6 +449,8 @@ def _host_loop(config, workdir, mesh, dataset, state, step_for, ckpt, *, checkpo
     finally:
         restore_sigterm()
         bar.close()
+        if row:  # a step's scalars logged before a failure (checkpoint, evaluation) are kept
+            writer.write(done, row)
         writer.close()
         try:
             ckpt.wait()
@@ -380,6 +463,7 @@ def _host_loop(config, workdir, mesh, dataset, state, step_for, ckpt, *, checkpo
         "checkpoint_step": last_good_ckpt,
         "samples": grid_path,
         "preempted": preempted,
+        "eval": last_eval,
         "state": state,
     }
 
@@ -440,8 +524,10 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
 
     Every checkpoint's metadata holds ``latent``: the scale factor (1 / std of posterior samples
     of the EMA autoencoder over the training split) and related statistics, and ``eval``: the
-    reconstruction PSNR on the held-out ``test`` split when the dataset has one. The final step
-    also writes ``reconstructions.png`` (rows of test images above their reconstructions).
+    reconstruction PSNR on the held-out ``test`` split when the dataset has one. The PSNR is logged
+    as ``eval/test_psnr`` at each checkpoint, or, with ``train.eval_every`` > 0, every
+    ``eval_every`` steps and at the last one (computed once for a step that is both). The final
+    step also writes ``reconstructions.png`` (rows of test images above their reconstructions).
     """
     from jaxdiff.eval.psnr import psnr as psnr_fn
 
@@ -463,29 +549,50 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
     except ValueError:  # the dataset has no test split
         test_images = None
     stats: dict[int, dict] = {}
+    eval_every = int(tc.get("eval_every", 0))
+    if eval_every and test_images is None and parallel.is_writer():
+        print(f"note: train.eval_every={eval_every} but {config.data.name!r} has no test split for the PSNR. "
+              "Evaluation is off.", flush=True)
+    psnr_memo: dict[int, dict] = {}
+
+    def test_psnr(done, state) -> dict:
+        """Test-split PSNR of the EMA params at step ``done`` (computed once per step)."""
+        if done not in psnr_memo:
+            psnr_memo.clear()
+            psnr_memo[done] = {"split": "test", **psnr_fn(test_images, vae.reconstruct(state.ema_params, test_images))}
+        return psnr_memo[done]
 
     def checkpoint_meta(done, state):
         mean, std = vae.encode_images(state.ema_params, train_images)
         latent = models.latent_statistics(mean, std, seed=config.seed)
         latent.update(split="train", params="ema_params", step=done)
-        ev = {}
-        if test_images is not None:
-            ev = {"split": "test", **psnr_fn(test_images, vae.reconstruct(state.ema_params, test_images))}
+        ev = test_psnr(done, state) if test_images is not None else {}
         stats[done] = {"latent": latent, "eval": ev}
         return {**meta, "step": done, "latent": latent, "eval": ev}
 
     def on_checkpoint(done, state):
         s = stats.pop(done)
         out = {"latent/scale_factor": s["latent"]["scale_factor"], "latent/std": s["latent"]["std"]}
-        if s["eval"]:
+        logged = bool(s["eval"]) and not eval_every  # with eval_every, on_eval logs the PSNR
+        if logged:
             out["eval/test_psnr"] = s["eval"]["psnr"]
         if parallel.is_writer():
             print(f"\nstep {done}: latent scale factor {out['latent/scale_factor']:.5g}"
-                  + (f", test PSNR {out['eval/test_psnr']:.2f} dB (EMA params)" if s["eval"] else ""), flush=True)
+                  + (f", test PSNR {out['eval/test_psnr']:.2f} dB (EMA params)" if logged else ""), flush=True)
         return out
 
+    on_eval = None
+    if eval_every and test_images is not None:
+        def on_eval(done, state):
+            t0 = time.perf_counter()
+            out = {"eval/test_psnr": test_psnr(done, state)["psnr"], "eval/seconds": time.perf_counter() - t0}
+            if parallel.is_writer():
+                print(f"\nstep {done} eval ({len(test_images)} test images, EMA params, {out['eval/seconds']:.1f} s): "
+                      f"PSNR {out['eval/test_psnr']:.2f} dB", flush=True)
+            return out
+
     summary = _host_loop(config, workdir, mesh, dataset, state, step_for, ckpt,
-                         checkpoint_meta=checkpoint_meta, on_checkpoint=on_checkpoint)
+                         checkpoint_meta=checkpoint_meta, on_checkpoint=on_checkpoint, on_eval=on_eval)
     state = summary["state"]
     if int(state.step) >= int(tc.num_steps) and test_images is not None:
         k = min(len(test_images), 16)
