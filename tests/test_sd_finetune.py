@@ -229,7 +229,8 @@ def test_finetune_resume_sample(sd_folder, images, data_dir, tmp_path, lora_rank
 
     before = _digest(sd_folder)
     workdir = str(tmp_path / "run")
-    over = {"model.lora_rank": lora_rank, "model.lora_alpha": 3.0} if lora_rank else {}
+    # LoRA on the U-Net; or full fine-tuning of the U-Net and the text encoder (train.text_encoder)
+    over = {"model.lora_rank": lora_rank, "model.lora_alpha": 3.0} if lora_rank else {"train.text_encoder": True}
     s1 = train(_config(sd_folder, images, **over), workdir)
     assert s1["step"] == 2 and np.isfinite(s1["loss"])
     last = 2
@@ -242,12 +243,14 @@ def test_finetune_resume_sample(sd_folder, images, data_dir, tmp_path, lora_rank
 
     _, fresh = build.load_pretrained(_config(sd_folder, images, **over))
     trained = jax.device_get(s2["state"].params)
-    assert sorted(trained) == (["lora"] if lora_rank else ["unet"])
-    if lora_rank:  # the base U-Net the step saw is the folder's, unchanged
+    assert sorted(trained) == (["lora"] if lora_rank else ["text_encoder", "unet"])
+    if lora_rank:  # the base U-Net and text encoder the step saw are the folder's, unchanged
         assert _leaves_equal(s2["frozen"]["unet"], fresh.base["unet"])
-    else:
-        assert not _leaves_equal(trained["unet"], fresh.base["unet"])  # training moved the U-Net
-    assert _leaves_equal(s2["frozen"]["text_encoder"], fresh.base["text_encoder"])
+        assert _leaves_equal(s2["frozen"]["text_encoder"], fresh.base["text_encoder"])
+    else:  # training moved both; nothing is frozen
+        assert not _leaves_equal(trained["unet"], fresh.base["unet"])
+        assert not _leaves_equal(trained["text_encoder"], fresh.base["text_encoder"])
+        assert not s2["frozen"]
 
     ck = Checkpointer(workdir, read_only=True)
     try:
@@ -266,7 +269,6 @@ def test_finetune_resume_sample(sd_folder, images, data_dir, tmp_path, lora_rank
 
     run = runs.load_run(workdir)
     assert sorted(run.params) == ["text_encoder", "unet"] and run.model.autoencoder.scale_factor == 0.5
-    assert _leaves_equal(run.params["text_encoder"], fresh.base["text_encoder"])
     assert _leaves_equal(run.model.autoencoder.params, fresh.autoencoder.params)
     ema = jax.device_get(s2["state"].ema_params)
     if lora_rank:  # merged once: the same as merging the EMA adapters by hand
@@ -275,8 +277,28 @@ def test_finetune_resume_sample(sd_folder, images, data_dir, tmp_path, lora_rank
         want = lora.merge(fresh.base["unet"], ema["lora"], alpha=3.0, rank=2)
         assert max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
                    for a, b in zip(jax.tree.leaves(run.params["unet"]), jax.tree.leaves(want))) < 1e-6
+        assert _leaves_equal(run.params["text_encoder"], fresh.base["text_encoder"])
     else:
         assert _leaves_equal(run.params["unet"], ema["unet"])
+        assert _leaves_equal(run.params["text_encoder"], ema["text_encoder"])
+        # Export: the whole pipeline, the trained unet/ and text_encoder/ in diffusers / transformers files.
+        exported = tmp_path / "pipeline"
+        r = subprocess.run([sys.executable, "-m", "experiments.export", f"--workdir={workdir}", f"--out={exported}"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        from jaxdiff.interop.clip import clip_text_params_to_transformers
+        from jaxdiff.interop.unet2d_cond import unet2d_condition_params_to_diffusers
+
+        pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(exported), safety_checker=None)
+        te_state = pipe.text_encoder.state_dict()  # transformers 5 names its keys without "text_model."
+        prefix = "text_model." if any(k.startswith("text_model.") for k in te_state) else ""
+        for theirs, ours in (
+                (pipe.unet.state_dict(), unet2d_condition_params_to_diffusers(ema["unet"], dict(pipe.unet.config))),
+                (te_state, clip_text_params_to_transformers(ema["text_encoder"], prefix=prefix))):
+            assert set(ours) <= set(theirs)
+            for k in ours:
+                np.testing.assert_array_equal(ours[k], theirs[k].numpy(), err_msg=k)
+        assert _digest(os.path.join(exported, "vae")) == _digest(os.path.join(sd_folder, "vae"))
         assert _digest(sd_folder) == before
         return
     out = generation.generate_text(run.model, run.params, run.schedule, run.config, prompts=["a photo of a cat", "the dog"],
