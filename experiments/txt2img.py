@@ -48,9 +48,10 @@ def run_txt2img(model: Union[str, Any], prompt: Union[str, Sequence[str]], *, nu
     """Generate ``num`` images and write ``out.png`` / ``out.npz`` (nothing written if ``out`` is None).
 
     ``model`` is a folder or an already loaded :class:`jaxdiff.text_to_image.StableDiffusion`.
-    ``prompt``: one string, or several that the images cycle through. Batches of ``batch_size``
-    images use the keys ``fold_in(key(seed), batch_index)``. Returns ``(images uint8 [num, H, W, 3],
-    prompts list[str])``; raises FileNotFoundError / ValueError for a bad folder or settings.
+    ``prompt``: one string, or several that the images cycle through. The images are
+    :func:`jaxdiff.text_to_image.generate_images` with ``key(seed)`` (batch ``i``: ``fold_in(key, i)``).
+    Returns ``(images uint8 [num, H, W, 3], prompts list[str])``; raises FileNotFoundError /
+    ValueError for a bad folder or settings.
     """
     import jax
     import jax.numpy as jnp
@@ -58,8 +59,7 @@ def run_txt2img(model: Union[str, Any], prompt: Union[str, Sequence[str]], *, nu
 
     from jaxdiff import text_to_image as t2i
 
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    if not prompts:
+    if not isinstance(prompt, str) and not list(prompt):
         raise ValueError("Give at least one prompt.")
     if num < 1:
         raise ValueError(f"num must be >= 1, got {num}.")
@@ -69,19 +69,10 @@ def run_txt2img(model: Union[str, Any], prompt: Union[str, Sequence[str]], *, nu
     else:
         sd = t2i.load_stable_diffusion(model, dtype={"bfloat16": jnp.bfloat16}.get(dtype or "float32"))
     t_load = time.perf_counter() - t0
-    per_image = [prompts[i % len(prompts)] for i in range(num)]
-    batch_size = min(batch_size or num, num)
-    key = jax.random.key(seed)
-    chunks = []
     t1 = time.perf_counter()
-    for i, lo in enumerate(range(0, num, batch_size)):
-        batch = per_image[lo:lo + batch_size]
-        if len(batch) < batch_size:  # pad the last batch: one compiled shape for every batch
-            batch = batch + [batch[-1]] * (batch_size - len(batch))
-        x = t2i.text_to_image(sd, batch, key=jax.random.fold_in(key, i), num_steps=steps, guidance_scale=guidance,
-                              method=sampler, height=height, width=width, negative_prompt=negative_prompt)
-        chunks.append(t2i.to_uint8(x)[:min(batch_size, num - lo)])
-    images = np.concatenate(chunks)
+    images, per_image = t2i.generate_images(sd, prompt, num=num, key=jax.random.key(seed), batch_size=batch_size,
+                                            num_steps=steps, guidance_scale=guidance, method=sampler, height=height,
+                                            width=width, negative_prompt=negative_prompt)
     t_gen = time.perf_counter() - t1
     if out is not None:
         from PIL import Image

@@ -4,6 +4,7 @@
     images = text_to_image(sd, ["a photo of a cat"] * 4, key=jax.random.key(0),
                            num_steps=25, method="dpmpp_2m", guidance_scale=7.5)
     images.shape, images.dtype                                   # (4, 512, 512, 3) float32 in [0, 1]
+    jaxdiff.images.to_uint8(images, value_range=(0, 1))          # uint8, rounded as diffusers' numpy_to_pil
 
 What it computes is diffusers' ``StableDiffusionPipeline`` (``output_type="np"``): prompts are
 tokenized to ``model_max_length`` (77) tokens, encoded by the CLIP text encoder (last hidden state,
@@ -440,6 +441,28 @@ def text_to_image(sd: StableDiffusion, prompts: Union[str, Sequence[str]], *, ke
                      k_sample, spec=spec)
 
 
-def to_uint8(images) -> np.ndarray:
-    """float images in [0, 1] -> uint8 [0, 255], rounded as diffusers' ``numpy_to_pil``."""
-    return np.round(np.asarray(images, np.float32) * 255.0).clip(0, 255).astype(np.uint8)
+def generate_images(sd: StableDiffusion, prompts: Union[str, Sequence[str]], *, num: int, key: jax.Array,
+                    batch_size: Optional[int] = None, **kwargs) -> tuple[np.ndarray, list[str]]:
+    """``num`` images cycling through ``prompts``, in batches: ``(uint8 [num, H, W, 3], the prompt of
+    each image)``. Batch ``i`` runs :func:`text_to_image` with ``key = fold_in(key, i)``; the last batch
+    is padded with its last prompt (one compiled shape for every batch) and the padding dropped.
+    ``kwargs`` go to :func:`text_to_image` (``num_steps``, ``guidance_scale``, ``method``,
+    ``negative_prompt``, ``height``, ``width``). Pixels are rounded as diffusers' ``numpy_to_pil``."""
+    from jaxdiff.images import to_uint8
+
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("Give at least one prompt.")
+    if not isinstance(num, (int, np.integer)) or num < 1:
+        raise ValueError(f"num must be an int >= 1, got {num!r}.")
+    if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}.")
+    per_image = [prompts[i % len(prompts)] for i in range(num)]
+    batch_size = min(batch_size or num, num)
+    chunks = []
+    for i, lo in enumerate(range(0, num, batch_size)):
+        batch = per_image[lo:lo + batch_size]
+        batch = batch + [batch[-1]] * (batch_size - len(batch))
+        x = text_to_image(sd, batch, key=jax.random.fold_in(key, i), **kwargs)
+        chunks.append(np.asarray(to_uint8(x, value_range=(0, 1)))[:min(batch_size, num - lo)])
+    return np.concatenate(chunks), per_image

@@ -1,4 +1,4 @@
-"""Stable Diffusion text-to-image (jaxdiff.text_to_image, experiments/txt2img.py).
+"""Stable Diffusion text-to-image (jaxdiff.text_to_image; experiments/txt2img.py is a thin CLI over it).
 
 Reference: diffusers' StableDiffusionPipeline (torch, CPU, fp32) on a tiny randomly initialised
 (and perturbed) SD 1.x folder written here with ``save_pretrained``: UNet2DConditionModel
@@ -224,19 +224,43 @@ def test_bad_arguments(sd):
         t2i.text_to_image(sd, PROMPTS, key=jax.random.key(0), negative_prompt=["x"])
 
 
-def test_txt2img_cli_function(sd, sd_folder, tmp_path):
-    from experiments.txt2img import run_txt2img
+def test_generate_images_batches(sd):
+    """The batch loop of experiments.txt2img (text_to_image.generate_images): batch i is text_to_image with
+    fold_in(key, i), the last batch padded with its last prompt and the padding dropped, prompts cycled,
+    pixels rounded as diffusers' numpy_to_pil."""
+    key = jax.random.key(3)
+    images, prompts = t2i.generate_images(sd, PROMPTS, num=3, key=key, batch_size=2, num_steps=STEPS,
+                                          guidance_scale=GUIDANCE, method="ddim")
+    assert images.shape == (3, SIZE, SIZE, 3) and images.dtype == np.uint8 and prompts == PROMPTS + PROMPTS[:1]
+    kw = dict(num_steps=STEPS, guidance_scale=GUIDANCE, method="ddim")
+    first = np.asarray(t2i.text_to_image(sd, PROMPTS, key=jax.random.fold_in(key, 0), **kw))
+    last = np.asarray(t2i.text_to_image(sd, PROMPTS[:1] * 2, key=jax.random.fold_in(key, 1), **kw))
+    want = (np.concatenate([first, last[:1]]) * 255).round().astype(np.uint8)  # diffusers' numpy_to_pil
+    np.testing.assert_array_equal(images, want)
+    with pytest.raises(ValueError, match="at least one prompt"):
+        t2i.generate_images(sd, [], num=1, key=key)
+    with pytest.raises(ValueError, match="batch_size"):
+        t2i.generate_images(sd, PROMPTS, num=1, key=key, batch_size=0)
+
+
+@pytest.mark.slow
+def test_txt2img_cli(sd, sd_folder, tmp_path):
+    """python -m experiments.txt2img writes OUT.png and OUT.npz holding generate_images' images."""
+    import subprocess
+    import sys
 
     out = str(tmp_path / "grid")
-    images, prompts = run_txt2img(sd_folder, "a photo of a cat", num=2, steps=STEPS, guidance=GUIDANCE,
-                                  sampler="ddim", seed=0, out=out, verbose=False)
-    assert images.shape == (2, SIZE, SIZE, 3) and images.dtype == np.uint8 and prompts == ["a photo of a cat"] * 2
+    r = subprocess.run([sys.executable, "-m", "experiments.txt2img", f"--model={sd_folder}", "--prompt",
+                        PROMPTS[0], "--num=2", f"--steps={STEPS}", f"--guidance={GUIDANCE}", "--sampler=ddim",
+                        "--seed=5", f"--out={out}"], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
     saved = np.load(out + ".npz")
-    np.testing.assert_array_equal(saved["images"], images)
-    assert os.path.getsize(out + ".png") > 0
-    again, _ = run_txt2img(sd, "a photo of a cat", num=2, steps=STEPS, guidance=GUIDANCE, sampler="ddim",
-                           seed=0, out=None)
-    np.testing.assert_array_equal(again, images)  # same seed, same images
+    want, _ = t2i.generate_images(sd, PROMPTS[0], num=2, key=jax.random.key(5), num_steps=STEPS,
+                                  guidance_scale=GUIDANCE, method="ddim")
+    np.testing.assert_array_equal(saved["images"], want)
+    assert list(saved["prompts"]) == [PROMPTS[0]] * 2 and int(saved["seed"]) == 5
+    assert os.path.getsize(out + ".png") > 0 and "Wrote" in r.stdout
 
 
 def test_no_sampler_given_uses_the_folders_scheduler(sd, ref_pipe):
