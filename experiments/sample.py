@@ -43,6 +43,14 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     common.start_jax()  # before anything touches the JAX backend
+    try:
+        return _sample()
+    except Exception as e:  # in a multi-process job: traceback, tell the other processes, leave
+        common.fail_unexpected(e)
+        raise
+
+
+def _sample():
     import jax
 
     from jaxdiff import generation, parallel
