@@ -27,7 +27,6 @@ import datetime
 import io
 import math
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -37,6 +36,8 @@ import tensorflow_datasets as tfds
 from absl import app, flags, logging
 from etils import epath
 from PIL import Image
+
+from benchmarks.harness import cpu_info, load_average, timed
 
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Data dir (default: a temporary dir, removed at the end).")
 _NUM = flags.DEFINE_integer("num", 10, "Timed batches per dataset (>= 5; median).")
@@ -123,12 +124,8 @@ def time_pipeline(name: str, image_size, data_dir: str, batch: int, num: int) ->
 
     ds = ImageDataset(name, "train", batch_size=batch, image_size=image_size, data_dir=data_dir,
                       cache_in_memory=False)
-    ds.batch(0)  # warm-up
-    rates = []
-    for step in range(1, num + 1):
-        t0 = time.perf_counter()
-        ds.batch(step)
-        rates.append(batch / (time.perf_counter() - t0))
+    steps = iter(range(num + 1))  # batch 0 warms up, batches 1..num are timed
+    rates = [batch / t for t in timed(lambda: ds.batch(next(steps)), num, warmup=1)]
     # stored size: the split's array_record files / examples (encoded image + label + record overhead)
     info = load_source(name, "train", data_dir).dataset_info
     nbytes = sum(os.path.getsize(p) for p in epath.Path(info.data_dir).glob("*train.array_record*"))
@@ -173,15 +170,10 @@ def time_grain(name: str, image_size, data_dir: str, batch: int, num: int, worke
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = ", load avg %.2f" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
-    return (f"{cpu}, {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable), nice {os.nice(0)}"
-            f"{load}; {datetime.date.today().isoformat()}")
+    cpu, la = cpu_info(), load_average()
+    load = f", load avg {la[0]:.2f}" if la else ""
+    return (f"{cpu['cpu']}, {cpu['cpu_cores']} cores ({len(os.sched_getaffinity(0))} usable), "
+            f"nice {os.nice(0)}{load}; {datetime.date.today().isoformat()}")
 
 
 def main(argv):

@@ -23,6 +23,8 @@ import time
 
 import numpy as np
 
+from benchmarks.harness import interleave, load_average, machine_info
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -56,7 +58,6 @@ def main(argv=None) -> dict:
     import jax
     import torch
 
-    from benchmarks.unet_bench import machine_info
     from jaxdiff.eval import fid as fid_lib
     from jaxdiff.interop.inception import params_from_state_dict
 
@@ -81,16 +82,12 @@ def main(argv=None) -> dict:
             return ref(x)[0]
 
     runs["pytorch-fid (torch CPU)"] = torch_run
-    times = {k: [] for k in runs}
     for name, fn in runs.items():  # warm-up: compile / first-call allocation
         t = time.perf_counter()
         fn()
         print(f"warm-up {name}: {time.perf_counter() - t:.1f} s")
-    for r in range(args.rounds):
-        for name, fn in runs.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
+    # rounds of one batch of each implementation in turn, no pause between them
+    times = interleave(runs, steps=args.rounds, blocks=args.rounds, pause=0.0)
     base = statistics.median(times["pytorch-fid (torch CPU)"])
     print(f"\n{args.batch} images {args.size}x{args.size} uint8 -> 299 -> pool3, median of {args.rounds} interleaved batches")
     print(f"{'implementation':<42} {'s/batch':>8} {'images/s':>9} {'vs torch':>9}")
@@ -99,7 +96,7 @@ def main(argv=None) -> dict:
         med = statistics.median(ts)
         result["rows"][name] = {"seconds_per_batch": med, "images_per_s": args.batch / med, "times": ts}
         print(f"{name:<42} {med:>8.2f} {args.batch / med:>9.1f} {base / med:>8.2f}x")
-    print(f"load avg at end {os.getloadavg()}")
+    print(f"load avg at end {load_average()}")
     return result
 
 

@@ -5,15 +5,15 @@
 Times (after compilation, block_until_ready, median of repeats) one jitted U-Net forward on a
 batch, and ``jaxdiff.sampling.sample`` with DDIM for N steps on the same batch, and prints the
 ratio time(N steps) / (N x time(forward)). 1.00 means the lax.scan loop adds nothing.
-For each N the forward and the sampler are timed in alternating blocks (``unet_bench.interleave``)
-so that a drift of the machine's load hits both alike.
+For each N the forward and the sampler are timed in alternating blocks
+(``benchmarks.harness.interleave``) so that a drift of the machine's load hits both alike.
 """
-import platform
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
+
+from benchmarks.harness import cpu_info, interleave
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/ddpm_digits", "A trained run.")
 _BATCH = flags.DEFINE_integer("batch", 100, "Batch size.")
@@ -23,8 +23,6 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats (median).")
 
 def _timed_pair(forward, sampler, repeats, num_steps):
     """Median seconds of one forward and of one whole sampling call, measured interleaved."""
-    from benchmarks.unet_bench import interleave
-
     runs = {"forward": lambda: jax.block_until_ready(forward()),
             "sample": lambda: jax.block_until_ready(sampler())}
     for fn in runs.values():
@@ -50,8 +48,10 @@ def main(argv):
     # compiled as the sampler's loop is (jaxdiff.xla's options), or the ratio would compare two compilers
     forward = xla.jit(lambda x, t, extra: fn(x, t, **extra))
     t = jnp.full((B,), 500.0, jnp.float32)
-    print(f"machine: {platform.processor() or platform.machine()}, {jax.devices()[0].device_kind}, "
-          f"jax {jax.__version__}; batch {B}, image {model.image_shape}; median of {_REPEATS.value}")
+    cpu = cpu_info()
+    print(f"machine: {cpu['cpu']} ({cpu['cpu_cores']} cores, {cpu['cpu_isa']}), "
+          f"{jax.devices()[0].device_kind}, jax {jax.__version__}; batch {B}, "
+          f"image {model.image_shape}; median of {_REPEATS.value}")
     print("| steps | one forward (ms) | N x forward (ms) | sample() (ms) | ratio |")
     print("| --- | --- | --- | --- | --- |")
     for n in map(int, _STEPS.value):

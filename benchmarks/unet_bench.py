@@ -38,22 +38,26 @@ program needs, by XLA's buffer assignment); diffusers = ``torch.cuda.max_memory_
 GPU, and on CPU the resident tensors (params, and for training EMA + AdamW state) plus the peak
 of the allocations made during one call, from the profiler's memory events (RSS is useless here:
 malloc caches freed memory and JAX shares the process).
+
+The machine, the interleaved timing, XLA's FLOP and memory figures and the table come from
+``benchmarks.harness``; this module holds the U-Net runners (jaxdiff, diffusers), the max-batch
+search, the rows and the CLI.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
-import math
 import os
-import platform
 import sys
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
+from benchmarks.harness import (bench_params, device_memory, fmt_bytes, fmt_load, interleave,
+                                largest_batch, load_average, machine_info, markdown_table,
+                                matmul_peak, median_ms, parse_bytes, parse_xla_options, try_call,
+                                write_json, xla_flops, xla_memory)
 from benchmarks.unet_configs import (COND_SMALL, DDPM_CIFAR10, SD15, SMALL, diffusers_config,
                                      unet_forward_flops)
 
@@ -89,151 +93,7 @@ class BenchConfig:
     context_len: int = 77
 
 
-# ----------------------------------------------------------------------------- small helpers
-def _median_ms(ts):
-    return 1e3 * float(np.median(ts)), 1e3 * float(np.min(ts))
-
-
-def _timed(fn: Callable[[], Any], steps: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return ts
-
-
-def interleave(runs: dict[str, Callable[[], Any]], steps: int, blocks: int = 3,
-               pause: float = 0.5, calls: dict[str, int] | None = None) -> dict[str, list[float]]:
-    """Time each (already warmed-up) callable ``steps`` times, in ``blocks`` alternating blocks
-    (``calls[name]``: that many calls per block instead, e.g. 1 for a whole sampling loop).
-
-    Alternating spreads slow drifts of the machine's load evenly over the contenders, and the
-    pause before each block lets the other framework's worker threads go idle (XLA's and
-    OpenMP's pools spin for a while after their last task; measured: torch steps right after JAX
-    work ran up to 8x slower on this 2-core machine)."""
-    calls = calls or {}
-    out = {k: [] for k in runs}
-    per = [steps // blocks + (i < steps % blocks) for i in range(blocks)]
-    for n in per:
-        for name, fn in runs.items():
-            k = calls.get(name, n)
-            if k == 0:
-                continue
-            time.sleep(pause)
-            for _ in range(k):
-                t0 = time.perf_counter()
-                fn()
-                out[name].append(time.perf_counter() - t0)
-    return out
-
-
-def _cost_flops(compiled) -> float:
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0]
-    return float(cost.get("flops", float("nan")))
-
-
-def _xla_memory(compiled) -> int | None:
-    m = compiled.memory_analysis()
-    if m is None:
-        return None
-    return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-               + m.temp_size_in_bytes)
-
-
-def parse_bytes(s: str) -> int:
-    units = {"k": 2 ** 10, "m": 2 ** 20, "g": 2 ** 30, "t": 2 ** 40}
-    s = s.strip().lower().rstrip("b").rstrip("i")
-    if s and s[-1] in units:
-        return int(float(s[:-1]) * units[s[-1]])
-    return int(float(s))
-
-
-def _fmt_bytes(n) -> str:
-    if n is None or (isinstance(n, float) and math.isnan(n)):
-        return "n/a"
-    for unit, div in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
-        if abs(n) >= div:
-            return f"{n / div:.1f} {unit}"
-    return f"{n} B"
-
-
-def machine_info() -> dict:
-    import jax
-    import jaxlib
-
-    cpu = platform.processor() or "unknown"
-    flags = set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    dev = jax.devices()[0]
-    info = {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "cpu": cpu,
-        "cpu_cores": os.cpu_count(),
-        "cpu_isa": ",".join(x for x in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16")
-                            if x in flags),
-        "jax_backend": jax.default_backend(),
-        "device_kind": dev.device_kind,
-        "num_devices": jax.device_count(),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "jaxlib": jaxlib.__version__,
-        "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
-        "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-    }
-    try:
-        import flax
-        info["flax"] = flax.__version__
-    except ImportError:
-        pass
-    try:
-        import torch
-        import diffusers
-        info["torch"] = torch.__version__
-        info["diffusers"] = diffusers.__version__
-        info["torch_threads"] = torch.get_num_threads()
-        info["torch_device"] = "cuda" if torch.cuda.is_available() else "cpu"
-        if torch.cuda.is_available():
-            info["torch_device_name"] = torch.cuda.get_device_name(0)
-    except ImportError:
-        info["torch"] = None
-    return info
-
-
 # ----------------------------------------------------------------------------- jaxdiff side
-def bench_params(shapes, seed: int = 0):
-    """Parameters for timing, drawn in NumPy from the shapes (no compile): kernels and embeddings
-    ~ N(0, 1/fan_in), GroupNorm scales 1, biases 0. (A jitted ``model.init`` costs more XLA:CPU
-    compile time than the train step itself: ~36 s for a 45k-parameter U-Net on 2 cores.)"""
-    import jax
-    import jax.numpy as jnp
-
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, s):
-        name = str(getattr(path[-1], "key", path[-1]))
-        if name == "scale":
-            return jnp.ones(s.shape, s.dtype)
-        if name == "bias":
-            return jnp.zeros(s.shape, s.dtype)
-        fan_in = int(np.prod(s.shape[:-1])) or 1
-        return jnp.asarray(rng.standard_normal(s.shape) / np.sqrt(fan_in), s.dtype)
-
-    return jax.tree_util.tree_map_with_path(leaf, shapes)
-
-
 def jaxdiff_options(cfg: BenchConfig) -> dict:
     """What jaxdiff's own jits compile with (``jaxdiff.xla``), then ``--xla-option`` on top."""
     from jaxdiff import xla
@@ -315,7 +175,7 @@ class _Jax:
 
         for _ in range(self.cfg.warmup):
             run()
-        return dict(run=run, flops=_cost_flops(compiled), mem=_xla_memory(compiled),
+        return dict(run=run, flops=xla_flops(compiled), mem=xla_memory(compiled),
                     lower_s=t_lower, compile_s=t_compile)
 
     def forward(self, batch: int, compiler_options: dict | None = None) -> dict:
@@ -339,7 +199,7 @@ class _Jax:
 
         for _ in range(self.cfg.warmup):
             run()
-        return dict(run=run, flops=_cost_flops(compiled), mem=_xla_memory(compiled),
+        return dict(run=run, flops=xla_flops(compiled), mem=xla_memory(compiled),
                     lower_s=t1 - t0, compile_s=t2 - t1)
 
     def ddim(self, batch: int, num_steps: int) -> dict:
@@ -421,71 +281,18 @@ def _jax_cls(cfg: BenchConfig):
     return {"uncond": _Jax, "cond": _JaxCond}[cfg.model]
 
 
-def matmul_peak(dtype_name: str, n: int, repeats: int = 5) -> float:
-    """FLOP/s of one big square ``jnp.dot`` (the achievable matmul peak of the device)."""
-    import jax
-    import jax.numpy as jnp
-
-    dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[dtype_name]
-    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-    f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=dtype))
-    jax.block_until_ready(f(a, b))
-    ts = _timed(lambda: jax.block_until_ready(f(a, b)), repeats, 1)
-    return 2 * n ** 3 / float(np.median(ts))
-
-
 def max_batch_search(cfg: BenchConfig, precision: str, remat: bool, budget: int,
                      start: int, max_probes: int = 8, tolerance: float = 0.02) -> dict:
-    """Largest batch whose train step fits ``budget`` bytes by XLA's memory_analysis.
-
-    Memory is close to affine in the batch (not exactly: small batches reuse buffers better),
-    so the search probes ``start`` and ``2 * start``, then steps along the secant through the
-    two probes nearest the budget, keeping the largest fitting and smallest failing batch as a
-    bracket, until the bracket is within ``tolerance`` (or ``max_probes`` compiles). The probes
-    compile with LLVM's expensive passes off and backend optimisation 0: buffer assignment,
-    hence memory_analysis, is decided before LLVM runs.
-    """
+    """Largest batch whose jaxdiff train step fits ``budget`` bytes by XLA's memory_analysis
+    (``harness.largest_batch``'s search from ``start``). The probes compile with LLVM's expensive
+    passes off and backend optimisation 0: buffer assignment, hence memory_analysis, is decided
+    before LLVM runs."""
     j = _jax_cls(cfg)(cfg, precision, remat)
     fast = {**jaxdiff_options(cfg), "xla_llvm_disable_expensive_passes": True,
             "xla_backend_optimization_level": 0}
-    probes: dict[int, int] = {}
-
-    def mem(b):
-        if b not in probes:
-            probes[b] = _xla_memory(j.compile_train(b, fast)[0])
-        return probes[b]
-
-    mem(start)
-    mem(2 * start)
-    for _ in range(max_probes - 2):
-        fit = [b for b, m in probes.items() if m <= budget]
-        over = [b for b, m in probes.items() if m > budget]
-        lo, hi = (max(fit) if fit else 0), (min(over) if over else None)
-        if hi is not None and hi - lo <= max(1, tolerance * lo):
-            break
-        if hi is not None and lo:  # bracketed: secant through the bracket (regula falsi)
-            (b1, m1), (b2, m2) = (lo, probes[lo]), (hi, probes[hi])
-        else:  # extrapolate from the two largest probes
-            (b1, m1), (b2, m2) = sorted(probes.items())[-2:]
-        per = (m2 - m1) / (b2 - b1) if m2 != m1 else max(m1, 1) / max(b1, 1)
-        guess = int(b1 + (budget - m1) / per)
-        if guess <= lo:  # the line says lo is the largest: confirm with lo + 1
-            guess = lo + 1
-        elif hi is not None:
-            margin = max(1, (hi - lo) // 10)  # keep secant steps off the bracket's ends
-            if not lo + margin <= guess <= hi - margin:
-                guess = (lo + hi) // 2
-        if guess in probes:
-            break
-        mem(guess)
-    fit = [b for b, m in probes.items() if m <= budget]
-    best = max(fit) if fit else None
-    big = sorted(probes.items())[-2:]
-    per = (big[1][1] - big[0][1]) / (big[1][0] - big[0][0]) if len(big) == 2 else float("nan")
-    return dict(precision=precision, remat=remat, budget=budget, max_batch=best,
-                bytes_per_example=per, fixed_bytes=big[-1][1] - per * big[-1][0],
-                probes={int(b): int(m) for b, m in sorted(probes.items())})
+    found = largest_batch(lambda b: xla_memory(j.compile_train(b, fast)[0]), budget, start,
+                          max_probes, tolerance)
+    return dict(precision=precision, remat=remat, budget=budget, **found)
 
 
 # ----------------------------------------------------------------------------- diffusers side
@@ -653,23 +460,12 @@ def _row(task, impl, variant, batch, times=None, flops=None, mem=None, mem_kind=
                images_per_s=None, tflops=None, flops=flops, mem_bytes=mem, mem_kind=mem_kind,
                compile_s=compile_s, note=note, speed_vs_diffusers=None)
     if times:
-        ms, ms_min = _median_ms(times)
+        ms, ms_min = median_ms(times)
         row.update(ms=ms / per, ms_min=ms_min / per)
         row["images_per_s"] = batch / (row["ms"] / 1e3)
         if flops:
             row["tflops"] = flops / (row["ms"] / 1e3) / 1e12
     return row
-
-
-def _try(fn, *args, **kwargs):
-    """(result, None) or (None, 'n/a: error') -- torch.compile may fail on a machine without a
-    working compiler toolchain; that is reported, not fatal."""
-    try:
-        return fn(*args, **kwargs), None
-    except Exception as e:  # noqa: BLE001
-        text = str(e).strip()
-        msg = text.splitlines()[0][:80] if text else ""
-        return None, f"n/a: {type(e).__name__}: {msg}"
 
 
 JAXLIB_DEFAULTS = "jaxlib defaults"
@@ -747,8 +543,8 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
                 tps[precision + " eager"] = torch_side.train(b, precision)
                 if cfg.torch_compile:
                     log(f"# {precision} batch {b}: torch.compile of the diffusers train step ...")
-                    tps[precision + " torch.compile"], errs[precision + " torch.compile"] = _try(
-                        torch_side.train, b, precision, compiled=True)
+                    key = precision + " torch.compile"
+                    tps[key], errs[key] = try_call(torch_side.train, b, precision, compiled=True)
             extra = {}
             if cfg.jaxlib_defaults:
                 log(f"# {precision} batch {b}: compiling the jaxdiff train step, jaxlib defaults ...")
@@ -788,7 +584,7 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
                 fps[precision + " eager forward"] = torch_side.forward(b, precision)
                 if cfg.torch_compile and tps.get(precision + " torch.compile") is not None:
                     key = precision + " torch.compile forward"
-                    fps[key], ferrs[key] = _try(torch_side.forward, b, precision, compiled=True)
+                    fps[key], ferrs[key] = try_call(torch_side.forward, b, precision, compiled=True)
             n = cfg.sampling_steps
             runs = {"jaxdiff": jf["run"]}
             fextra = {}
@@ -813,7 +609,7 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
                                  prep["flops"], prep["mem"], "XLA estimate",
                                  compile_s=prep["compile_s"], note=_options_note(cfg.compiler_options)))
             if n:
-                overhead = _median_ms(fs["ddim"])[0] / (n * _median_ms(fs["jaxdiff"])[0]) - 1.0
+                overhead = median_ms(fs["ddim"])[0] / (n * median_ms(fs["jaxdiff"])[0]) - 1.0
                 rows.append(_row("sample", "jaxdiff", f"{precision} ddim x{n}, per step", b,
                                  fs["ddim"], jf["flops"], per=n,
                                  note=f"{overhead:+.1%} vs {n} x forward"))
@@ -842,28 +638,16 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
                 r["fraction_of_matmul_peak"] = r["tflops"] * 1e12 / peak
 
     if cfg.max_batch:
-        budget = cfg.mem_budget or _device_memory()
+        budget = cfg.mem_budget or device_memory()
         start = min(cfg.batches)
         mb = []
         for precision in cfg.precisions:
             for remat in (False, True):
-                log(f"# max batch: {precision} remat={remat} within {_fmt_bytes(budget)} ...")
+                log(f"# max batch: {precision} remat={remat} within {fmt_bytes(budget)} ...")
                 mb.append(max_batch_search(cfg, precision, remat, budget, start))
         result["max_batch"] = mb
-    info["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    info["loadavg_end"] = load_average()
     return result
-
-
-def _device_memory() -> int:
-    import jax
-    stats = jax.devices()[0].memory_stats() or {}
-    if "bytes_limit" in stats:
-        return int(stats["bytes_limit"])
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("cannot tell the device memory; pass --mem-budget")
 
 
 # ----------------------------------------------------------------------------- output
@@ -878,8 +662,8 @@ def format_table(result: dict) -> str:
         f"jax {info['jax']} / jaxlib {info['jaxlib']} on {info['jax_backend']} "
         f"[{info['device_kind']}]; torch {info.get('torch')} on {info.get('torch_device')} "
         f"({info.get('torch_threads')} threads); diffusers {info.get('diffusers')}; "
-        f"{info['date']}; load average {_fmt_load(info.get('loadavg_start'))} -> "
-        f"{_fmt_load(info.get('loadavg_end'))}",
+        f"{info['date']}; load average {fmt_load(info.get('loadavg_start'))} -> "
+        f"{fmt_load(info.get('loadavg_end'))}",
     ]
     if info.get("XLA_FLAGS"):
         lines.append(f"XLA_FLAGS={info['XLA_FLAGS']}")
@@ -893,7 +677,7 @@ def format_table(result: dict) -> str:
             "peak mem", "vs diffusers", "note")
     table = [head]
     for r in result["rows"]:
-        mem = _fmt_bytes(r["mem_bytes"]) if r["mem_bytes"] is not None else "n/a"
+        mem = fmt_bytes(r["mem_bytes"]) if r["mem_bytes"] is not None else "n/a"
         if r["mem_bytes"] is not None and r["mem_kind"]:
             mem += " (" + _MEM_TAGS.get(r["mem_kind"], r["mem_kind"]) + ")"
         table.append((
@@ -906,11 +690,7 @@ def format_table(result: dict) -> str:
             "" if r["speed_vs_diffusers"] is None else f"{r['speed_vs_diffusers']:.2f}x",
             r["note"] or "",
         ))
-    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
-    for k, row in enumerate(table):
-        lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |")
-        if k == 0:
-            lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    lines.extend(markdown_table(table))
     lines.append("vs diffusers = diffusers eager ms / this row's ms (same task, batch, precision);"
                  " >1: faster than diffusers eager. FLOPs: XLA cost_analysis of the jaxdiff "
                  "program, used for the torch rows too. Memory: xla = XLA memory_analysis "
@@ -929,29 +709,11 @@ def format_table(result: dict) -> str:
         + f"compile {c['compile_s']:.1f} s" for c in result["compile"]))
     for mb in result.get("max_batch", []):
         lines.append(f"max batch {mb['precision']}{' remat' if mb['remat'] else ''} within "
-                     f"{_fmt_bytes(mb['budget'])}: {mb['max_batch']} "
-                     f"({_fmt_bytes(mb['bytes_per_example'])}/example + "
-                     f"{_fmt_bytes(mb['fixed_bytes'])} fixed, XLA memory_analysis)")
+                     f"{fmt_bytes(mb['budget'])}: {mb['max_batch']} "
+                     f"({fmt_bytes(mb['bytes_per_example'])}/example + "
+                     f"{fmt_bytes(mb['fixed_bytes'])} fixed, XLA memory_analysis)")
     lines.extend(result.get("notes", []))
     return "\n".join(lines)
-
-
-def _fmt_load(la):
-    return "n/a" if not la else "/".join(f"{x:.1f}" for x in la)
-
-
-def _parse_options(items) -> dict:
-    out = {}
-    for item in items or []:
-        k, _, v = item.partition("=")
-        v = {"true": True, "false": False}.get(v.lower(), v)
-        if isinstance(v, str):
-            try:
-                v = int(v)
-            except ValueError:
-                pass
-        out[k] = v
-    return out
 
 
 def config_from_args(argv=None) -> BenchConfig:
@@ -1007,7 +769,7 @@ def config_from_args(argv=None) -> BenchConfig:
         precisions=tuple(a.precision.split(",")), steps=a.steps, warmup=a.warmup,
         sampling_steps=a.sampling_steps, torch=not a.no_torch, blocks=a.blocks,
         torch_compile=not a.no_torch_compile, remat=a.remat, jaxlib_defaults=a.jaxlib_defaults, max_batch=a.max_batch,
-        mem_budget=a.mem_budget, compiler_options=_parse_options(a.xla_option),
+        mem_budget=a.mem_budget, compiler_options=parse_xla_options(a.xla_option),
         matmul_peak=not a.no_matmul_peak, name=name, model=a.model)
     cfg.json = a.json  # type: ignore[attr-defined]
     if a.torch_threads:
@@ -1029,8 +791,7 @@ def main(argv=None) -> dict:
     print(format_table(result))
     out = getattr(cfg, "json", None)
     if out:
-        with open(out, "w") as f:
-            json.dump(result, f, indent=1, default=str)
+        write_json(out, result)
     return result
 
 

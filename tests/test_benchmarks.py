@@ -1,20 +1,22 @@
 """Smoke test of ``benchmarks/unet_bench.py`` on a tiny U-Net (the kernels it measures are tested
-for exactness in ``tests/test_kernels.py``).
+for exactness in ``tests/test_kernels.py``), and ``benchmarks/harness.py``'s pure functions
+against hand-computed values.
 
-The timing run compiles with LLVM's expensive passes off and backend optimisation 0 (these tests
-check the machinery, not the speed), so the module stays well under 30 s on a 2-core CPU.
+The slow tests run the benchmark end to end: the timing run compiles with LLVM's expensive
+passes off and backend optimisation 0 (these tests check the machinery, not the speed), so the
+module stays well under 30 s on a 2-core CPU.
 """
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import unet_bench as ub
+from benchmarks import harness, unet_bench as ub
 from benchmarks.unet_configs import (COND_SMALL, DDPM_CIFAR10, SD15, SMALL, conv_flops,
                                      diffusers_config, unet_forward_flops)
 from jaxdiff import xla
-
-pytestmark = pytest.mark.slow  # benchmark runs
 
 FAST_COMPILE = {"xla_llvm_disable_expensive_passes": True, "xla_backend_optimization_level": 0}
 # One level (8x8, with attention), one res block: the smallest U-Net with every layer kind but
@@ -38,7 +40,7 @@ def _compile(fn, *args):
 
 
 def _xla_flops(fn, *args):
-    return ub._cost_flops(_compile(fn, *args))
+    return harness.xla_flops(_compile(fn, *args))
 
 
 def _tiny_run(**kwargs):
@@ -55,6 +57,7 @@ def result():
     return _tiny_run(unet=MINI, image_size=8)
 
 
+@pytest.mark.slow  # a benchmark run
 def test_table_rows_and_flops(result):
     rows = {(r["task"], r["impl"], r["variant"], r["batch"]): r for r in result["rows"]}
     assert list(rows) == ROWS
@@ -81,6 +84,7 @@ def test_table_rows_and_flops(result):
         assert variant in text
 
 
+@pytest.mark.slow  # a benchmark run
 def test_cond_model_rows():
     """--model cond: UNetCondition (real train step, context from the batch) vs
     UNet2DConditionModel, the same rows and machinery; FLOPs from XLA only. With
@@ -108,6 +112,7 @@ def test_cond_model_rows():
         assert s in text
 
 
+@pytest.mark.slow  # XLA compiles
 def test_layer_flop_formulas_equal_xla():
     """conv_flops (padding-aware) and the dense/attention terms equal XLA's count exactly."""
     x = jnp.ones((2, 8, 8, 4))
@@ -128,6 +133,7 @@ def test_layer_flop_formulas_equal_xla():
     assert f["attention"] == 4 * 2 * (2 * 2 * 64 * 64 * 8)  # 4 blocks x (q k^T, p v)
 
 
+@pytest.mark.slow  # diffusers
 def test_configs_match_diffusers():
     torch = pytest.importorskip("torch")
     unet_2d = pytest.importorskip("diffusers.models.unets.unet_2d")
@@ -179,17 +185,6 @@ def test_cli_and_helpers(monkeypatch):
     assert (sd.unet, sd.batches, sd.image_size, sd.name) == (SD15, (2,), 64, "sd15")
     assert default.model == "uncond" and cfg.model == "uncond"
 
-    # A failing torch.compile becomes an 'n/a' row, not a crash.
-    out, err = ub._try(lambda: 1 / 0)
-    assert out is None and err.startswith("n/a: ZeroDivisionError")
-
-    # interleave: every contender gets its calls, in alternating blocks.
-    order = []
-    times = ub.interleave({"a": lambda: order.append("a"), "b": lambda: order.append("b")},
-                          steps=4, blocks=2, pause=0.0)
-    assert order == ["a", "a", "b", "b", "a", "a", "b", "b"]
-    assert [len(v) for v in times.values()] == [4, 4]
-
     # max-batch search on a fake memory model: 1 MiB fixed + 3 KiB per example.
     class FakeCompiled:
         def __init__(self, b):
@@ -212,3 +207,81 @@ def test_cli_and_helpers(monkeypatch):
     monkeypatch.setattr(ub, "_Jax", FakeJax)
     mb = ub.max_batch_search(cfg, "fp32", False, budget=2 ** 20 + 3 * 1024 * 1000, start=4)
     assert mb["max_batch"] == 1000 and mb["bytes_per_example"] == 3 * 1024
+
+
+def test_harness_timing():
+    # interleave: every contender gets its calls, in alternating blocks; steps that do not
+    # divide go to the first blocks (7 over 3: 3, 2, 2); calls[name] overrides the block size.
+    order = []
+    times = harness.interleave({"a": lambda: order.append("a"), "b": lambda: order.append("b")},
+                               steps=4, blocks=2, pause=0.0)
+    assert order == ["a", "a", "b", "b", "a", "a", "b", "b"]
+    assert [len(v) for v in times.values()] == [4, 4]
+    order.clear()
+    times = harness.interleave({"f": lambda: order.append("f"), "s": lambda: order.append("s")},
+                               steps=7, blocks=3, pause=0.0, calls={"s": 1})
+    assert "".join(order) == "fffs" + "ffs" + "ffs"
+    assert (len(times["f"]), len(times["s"])) == (7, 3)
+    assert harness.interleave({"x": lambda: None}, steps=3, blocks=1, pause=0.0,
+                              calls={"x": 0}) == {"x": []}
+    calls = []
+    assert len(harness.timed(lambda: calls.append(1), steps=3, warmup=2)) == 3 and len(calls) == 5
+    # median_ms: seconds -> (median, min) in ms; an even count averages the middle two.
+    assert harness.median_ms([0.004, 0.001, 0.003]) == (3.0, 1.0)
+    assert harness.median_ms([0.004, 0.001, 0.003, 0.002]) == (2.5, 1.0)
+    # A failing optional contender (torch.compile) becomes an 'n/a' note, not a crash.
+    assert harness.try_call(lambda x, y=0: x + y, 1, y=2) == (3, None)
+    out, err = harness.try_call(lambda: 1 / 0)
+    assert out is None and err == "n/a: ZeroDivisionError: division by zero"
+
+
+def test_harness_formatting(tmp_path):
+    assert harness.parse_bytes("2GiB") == 2 ** 31 == harness.parse_bytes("2g")
+    assert harness.parse_bytes("1.5 MiB") == 3 * 2 ** 19
+    assert harness.parse_bytes("512k") == 2 ** 19 and harness.parse_bytes("1000") == 1000
+    assert harness.fmt_bytes(3 * 2 ** 29) == "1.5 GiB" and harness.fmt_bytes(2 ** 20) == "1.0 MiB"
+    assert harness.fmt_bytes(1536) == "1.5 KiB" and harness.fmt_bytes(1023) == "1023 B"
+    assert harness.fmt_bytes(None) == harness.fmt_bytes(float("nan")) == "n/a"
+    assert harness.fmt_load((1.04, 0.5, 0.25)) == "1.0/0.5/0.2" and harness.fmt_load(None) == "n/a"
+    assert harness.parse_xla_options(["a=true", "b=False", "c=3", "d=x=1", "e=''"]) == {
+        "a": True, "b": False, "c": 3, "d": "x=1", "e": "''"}
+    assert harness.parse_xla_options(None) == {}
+    assert harness.markdown_table([("task", "ms"), ("train", "1.5"), ("sample", "12.0")]) == [
+        "| task   | ms   |",
+        "|--------|------|",
+        "| train  | 1.5  |",
+        "| sample | 12.0 |"]
+    harness.write_json(str(tmp_path / "r.json"), {"x": (1, 2), "p": tmp_path})
+    assert json.loads((tmp_path / "r.json").read_text()) == {"x": [1, 2], "p": str(tmp_path)}
+    cpu = harness.cpu_info()
+    assert set(cpu) == {"cpu", "cpu_cores", "cpu_isa"} and cpu["cpu"] and cpu["cpu_cores"] >= 1
+
+
+def test_harness_largest_batch():
+    """The secant search on memory models by hand: affine (exact from the first two probes'
+    line), convex (a batch that fits, each probed once, within max_probes), none fitting."""
+    calls = []
+
+    def affine(b):
+        calls.append(b)
+        return 1000 + 30 * b
+
+    got = harness.largest_batch(affine, budget=1000 + 30 * 77 + 29, start=4)
+    # probes 4 and 8 give the exact line; its guess 77 fits, 78 closes the bracket.
+    assert got == {"max_batch": 77, "bytes_per_example": 30.0, "fixed_bytes": 1000.0,
+                   "probes": {4: 1120, 8: 1240, 77: 3310, 78: 3340}}
+    assert calls == [4, 8, 77, 78]
+    calls.clear()
+
+    def convex(b):  # more bytes per example at larger batches
+        calls.append(b)
+        return 2 ** 20 + 3072 * b + b * b // 64
+
+    budget = 2 ** 30
+    got = harness.largest_batch(convex, budget, start=4)
+    assert len(calls) == len(set(calls)) == len(got["probes"]) <= 8
+    assert convex(got["max_batch"]) <= budget
+    (b1, m1), (b2, m2) = sorted(got["probes"].items())[-2:]
+    assert got["bytes_per_example"] == (m2 - m1) / (b2 - b1)
+    assert got["fixed_bytes"] == m2 - got["bytes_per_example"] * b2
+    assert harness.largest_batch(affine, budget=500, start=4)["max_batch"] is None
