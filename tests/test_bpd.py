@@ -19,7 +19,7 @@ from jaxdiff.train.loop import train
 
 pytestmark = [pytest.mark.usefixtures("xla_o0"), pytest.mark.slow]  # slow: a training run, a subprocess
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = {"data.image_size": 8, "model.ch": 16, "model.ch_mult": (1, 2), "model.attn_resolutions": (),
+TINY = {"train.eval_every": 0, "data.image_size": 8, "model.ch": 16, "model.ch_mult": (1, 2), "model.attn_resolutions": (),
         "model.num_groups": 8, "diffusion.num_timesteps": 20, "train.num_steps": 2, "train.batch_size": 8,
         "train.warmup_steps": 1, "train.checkpoint_every": 2, "train.num_samples": 0}
 

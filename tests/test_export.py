@@ -404,7 +404,7 @@ def test_export_sd_pipeline_copies_the_base_and_writes_the_unet(t2i_export, tmp_
 # ----------------------------------------------------------------------------- the CLI
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ddpm_digits made tiny: class-conditional 8x8, 2 levels, T=100, 2 steps.
-CLI_TINY = {"data.image_size": 8, "model.ch": 16, "model.ch_mult": (1, 2), "model.num_res_blocks": 1,
+CLI_TINY = {"train.eval_every": 0, "data.image_size": 8, "model.ch": 16, "model.ch_mult": (1, 2), "model.num_res_blocks": 1,
             "model.attn_resolutions": (4,), "model.num_groups": 8, "model.dropout": 0.0,
             "diffusion.num_timesteps": 100, "train.num_steps": 2, "train.batch_size": 8,
             "train.warmup_steps": 1, "train.cosine_decay": False, "train.log_every": 1,

@@ -48,6 +48,7 @@ VAE_TINY = {
     "train.keep_checkpoints": 5,
 }
 LDM_TINY = {
+    "train.eval_every": 0,
     "data.image_size": 8,
     "model.ch": 16,
     "model.ch_mult": (1,),

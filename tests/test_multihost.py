@@ -38,6 +38,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = [pytest.mark.usefixtures("xla_o0"), pytest.mark.slow]  # slow: real multi-process runs
 
 TINY = {
+    "train.eval_every": 0,  # in-training evaluation: tests/test_eval_in_training.py
     "data.image_size": 8, "model.ch": 16, "model.ch_mult": "(1,2)", "model.num_res_blocks": 1,
     "model.attn_resolutions": "(4,)", "model.num_groups": 8, "diffusion.num_timesteps": 100,
     "train.num_steps": 12, "train.batch_size": 16, "train.warmup_steps": 2, "train.cosine_decay": False,
@@ -325,7 +326,7 @@ def test_vae_and_text_to_image_jobs_train_and_sample_on_two_processes(runs, data
                 "--config.text.num_layers=1", "--config.text.num_heads=2", "--config.diffusion.num_timesteps=100",
                 "--config.train.num_steps=2", "--config.train.batch_size=8", "--config.train.checkpoint_every=2",
                 "--config.train.warmup_steps=0", "--config.train.log_every=1", "--config.train.num_samples=6",
-                "--config.sample.num_steps=2"], data_dir, f"{t2i}.logs"))
+                "--config.sample.num_steps=2", "--config.train.eval_every=0"], data_dir, f"{t2i}.logs"))
     images = np.load(t2i / "samples_final.npz")
     assert images["images"].shape == (6, 8, 8, 3) and len(images["prompts"]) == 6
     assert np.isfinite([r["loss"] for r in map(json.loads, open(t2i / "metrics.jsonl"))]).all()

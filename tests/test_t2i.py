@@ -26,6 +26,7 @@ pytestmark = [pytest.mark.usefixtures("xla_o0"), pytest.mark.slow]  # slow: end-
 
 # A pixel-space (vae.workdir "") 8x8 t2i_shapes with one transformer block: compiles fast.
 T2I_TINY = {
+    "train.eval_every": 0,  # in-training evaluation: tests/test_eval_in_training.py
     "vae.workdir": "",
     "data.image_size": 8,
     "model.block_out_channels": (16, 32),

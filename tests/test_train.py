@@ -24,6 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # CLI overrides that make the digits config tiny (8x8, 2 levels, T=100, 6 steps).
 TINY = {
+    "train.eval_every": 0,  # in-training evaluation: tests/test_eval_in_training.py
     "data.image_size": 8,
     "model.ch": 16,
     "model.ch_mult": "(1,2)",
