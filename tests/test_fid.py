@@ -121,6 +121,7 @@ def _rel(a, b):
     return float(np.max(np.abs(np.asarray(a, np.float64) - b)) / np.max(np.abs(b)))
 
 
+@pytest.mark.slow  # the 299x299 Inception network (and subprocesses)
 @pytest.mark.parametrize("shape", [(2, 32, 32, 3), (2, 40, 56, 3), (2, 299, 299, 3), (2, 28, 28, 1)])
 def test_features_match_pytorch_fid(shape, params, pool3_ref, torch_net):
     images = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
@@ -210,6 +211,7 @@ def test_precision_recall():
         fid_lib.precision_recall(real[:3], fake, k=3)
 
 
+@pytest.mark.slow  # the 299x299 Inception network (and subprocesses)
 def test_stats_match_float64_reference(params, pool3_ref, torch_net):
     """Evaluator statistics over 3 batches (the last padded) vs np.mean / np.cov (float64) of
     pytorch-fid's features of the same images."""
@@ -221,6 +223,7 @@ def test_stats_match_float64_reference(params, pool3_ref, torch_net):
     assert _rel(stats.sigma, np.cov(pool3, rowvar=False)) < 1e-4
 
 
+@pytest.mark.slow  # the 299x299 Inception network (and subprocesses)
 def test_stats_on_8_devices_equal_1_device(params, eight_device_run):
     """The same statistics from 1 device and from 8 (simulated CPU devices, another process started
     at the beginning of the module, :func:`eight_device_run`): on 8 devices one batch of 16 (2 rows a
@@ -271,6 +274,7 @@ def _free_port():
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow  # the 299x299 Inception network (and subprocesses)
 def test_stats_over_two_processes(tmp_path):
     """2 real processes x 2 CPU devices (JAX's distributed runtime, gloo): each process reads only its
     rows of every batch, the float64 sums cross processes bit-exactly, and both get the statistics of
@@ -318,6 +322,7 @@ def test_moment_sums_and_float64_transport():
         fid_lib.MomentSums(3).stats()
 
 
+@pytest.mark.slow  # the 299x299 Inception network (and subprocesses)
 def test_converter_round_trip(tmp_path, state_dict, params):
     # the published .pth -> safetensors -> params, equal to converting the state dict in memory
     pth = tmp_path / "pt_inception.pth"
@@ -371,6 +376,7 @@ def _cli(argv, capsys):
     return code, captured.out, captured.err
 
 
+@pytest.mark.slow  # the 299x299 Inception network (and subprocesses)
 def test_cli_errors(tmp_path, weights_file, capsys):
     images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
     np.savez(tmp_path / "s.npz", images=images)
@@ -400,6 +406,7 @@ def test_cli_errors(tmp_path, weights_file, capsys):
     assert "--convert pt_inception-2015-12-05-6726825d.pth" in err
 
 
+@pytest.mark.slow  # the 299x299 Inception network (and subprocesses)
 def test_cli_happy_path(tmp_path, weights_file, pool3_ref, torch_net, capsys):
     rng = np.random.default_rng(5)
     samples = rng.integers(0, 256, (5, 24, 24, 3), dtype=np.uint8)
@@ -430,6 +437,7 @@ def test_cli_happy_path(tmp_path, weights_file, pool3_ref, torch_net, capsys):
     assert code == 2 and len(err.strip().splitlines()) == 1 and "precision/recall needs real images" in err
 
 
+@pytest.mark.slow  # the 299x299 Inception network (and subprocesses)
 def test_precision_recall_of_features(params, pool3_ref, torch_net):
     """Precision/recall of the evaluator's pool3 features vs the transcription on pytorch-fid's."""
     rng = np.random.default_rng(11)
@@ -442,6 +450,7 @@ def test_precision_recall_of_features(params, pool3_ref, torch_net):
     assert got == pytest.approx(_pr_transcription(t_real, t_fake, 2), abs=1e-12)
 
 
+@pytest.mark.slow  # the 299x299 Inception network (and subprocesses)
 def test_reference_stats_sources(tmp_path, params, data_dir):
     ev = fid_lib.FIDEvaluator(params, batch_size=2)
     with pytest.raises(ValueError, match="no reference statistics"):

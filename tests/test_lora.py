@@ -121,6 +121,7 @@ def _get(tree, path):
 
 
 # ----------------------------------------------------------------------------- (a) the math
+@pytest.mark.slow  # builds a Stable Diffusion pipeline in diffusers and compiles a U-Net
 def test_targets_and_init(base):
     params = base["params"]
     paths = lora_targets(params)
@@ -164,6 +165,7 @@ def test_targets_and_init(base):
                                   np.asarray(out0))
 
 
+@pytest.mark.slow  # builds a Stable Diffusion pipeline in diffusers and compiles a U-Net
 def test_merge_matches_float64(base):
     params = base["params"]
     lora = _random_lora(params, 3)
@@ -193,6 +195,7 @@ def test_merge_matches_float64(base):
 
 
 # ------------------------------------------------------------ (b) our file in diffusers
+@pytest.mark.slow  # builds a Stable Diffusion pipeline in diffusers and compiles a U-Net
 def test_our_file_loads_in_diffusers_pipeline(base, tmp_path):
     params, pipe = base["params"], base["pipe"]
     lora = _random_lora(params, 5)
@@ -231,6 +234,7 @@ def test_our_file_loads_in_diffusers_pipeline(base, tmp_path):
 
 
 # ------------------------------------------------------------ (c) their files in jaxdiff
+@pytest.mark.slow  # builds a Stable Diffusion pipeline in diffusers and compiles a U-Net
 def test_peft_made_lora_loads(base, tmp_path):
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
@@ -266,6 +270,7 @@ def test_peft_made_lora_loads(base, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # builds a Stable Diffusion pipeline in diffusers and compiles a U-Net
 def test_kohya_file_loads_like_diffusers(base, tmp_path):
     """A kohya-ss / A1111-named file (lora_unet_..., per-module .alpha) read by diffusers'
     converter and by ours: the same function."""
@@ -322,6 +327,7 @@ def test_kohya_file_loads_like_diffusers(base, tmp_path):
     assert lora_paths(lora2) == lora_paths(lora)
 
 
+@pytest.mark.slow  # builds a Stable Diffusion pipeline in diffusers and compiles a U-Net
 def test_older_diffusers_names(base, tmp_path):
     """diffusers' older LoRA names (``lora.down`` and attention-processor ``to_q_lora.down``)
     read as the peft names they convert to (diffusers' convert_unet_state_dict_to_peft)."""
@@ -350,6 +356,7 @@ def test_older_diffusers_names(base, tmp_path):
         np.testing.assert_array_equal(a, np.asarray(b))
 
 
+@pytest.mark.slow  # builds a Stable Diffusion pipeline in diffusers and compiles a U-Net
 def test_bad_files(base, tmp_path):
     from safetensors.numpy import save_file
 

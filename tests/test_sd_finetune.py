@@ -33,6 +33,9 @@ _MERGES = ["h e", "l l", "he ll", "hell o</w>", "t h", "th e</w>", "c a", "ca t<
            "d o", "do g</w>", "p h", "ph o", "pho t", "phot o</w>", "o f</w>"]
 
 
+pytestmark = pytest.mark.slow  # Stable Diffusion parity with diffusers, training runs, subprocesses
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _cheap_cpu(xla_o0, torch_one_thread):
     """XLA -O0 for this module's programs and one torch thread (see conftest)."""
@@ -214,7 +217,6 @@ def _leaves_equal(a, b):
     return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("lora_rank", [0, 2])
 def test_finetune_resume_sample(sd_folder, images, data_dir, tmp_path, lora_rank):
     """A captioned folder fine-tunes through the library's loop (2 steps) and loads with load_run; the
