@@ -212,24 +212,6 @@ T2I_TINY = {  # pixel space (no VAE), 8x8, one cross-attention level: compiles f
 }
 
 
-@pytest.fixture(scope="module")
-def inception_weights(tmp_path_factory):
-    """pytorch-fid's Inception with seeded random weights (tests/test_fid.py's recipe), as safetensors."""
-    torch = pytest.importorskip("torch")
-    from test_fid import _random_fid_inception
-    from jaxdiff.interop import inception as interop
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        net = _random_fid_inception()
-    finally:
-        torch.set_num_threads(threads)
-    path = str(tmp_path_factory.mktemp("inception") / "inception_fid.safetensors")
-    interop.save_state_dict({k: v.clone() for k, v in net.state_dict().items()}, path)
-    return path
-
-
 def warm_inception(params, batch: int, image_shape) -> None:
     """Compile the FID Inception programs for ``batch`` images of ``image_shape`` with XLA's usual
     optimisations: this module runs at -O0 (cheap compiles), where the Inception itself runs ~20x
