@@ -86,7 +86,7 @@ def svg_plot(rows: Sequence[dict], title: str = "") -> str:
     series = [("accuracy (project classifier)", "accuracy", "#1f77b4", 1.1),
               ("accuracy (sklearn SVM judge)", "judge_accuracy", "#2ca02c", 1.1),
               ("within-class diversity / real", "diversity_ratio", "#9467bd", 1.1),
-              ("Frechet / real-vs-real (right axis; dotted: 1.5)", "frechet_ratio", "#d62728", fr_max)]
+              ("Frechet / real-vs-real (right; dotted: 1.5)", "frechet_ratio", "#d62728", fr_max)]
     for i, (name, key, colour, top) in enumerate(series):
         pts = " ".join(f"{px(r['guidance']):.1f},{py(r[key] * 1.1 / top if top != 1.1 else r[key], 1.1):.1f}"
                        for r in rows)
@@ -95,7 +95,7 @@ def svg_plot(rows: Sequence[dict], title: str = "") -> str:
             v = r[key] * 1.1 / top if top != 1.1 else r[key]
             out.append(f'<circle cx="{px(r["guidance"]):.1f}" cy="{py(v, 1.1):.1f}" r="3" fill="{colour}"/>')
         ly = H - B - 50 + 15 * i  # legend in the lower right, below the accuracy and diversity lines
-        out.append(f'<line x1="{L + 200}" x2="{L + 220}" y1="{ly}" y2="{ly}" stroke="{colour}" '
-                   f'stroke-width="2"/><text x="{L + 226}" y="{ly + 4}">{name}</text>')
+        out.append(f'<line x1="{L + 180}" x2="{L + 200}" y1="{ly}" y2="{ly}" stroke="{colour}" '
+                   f'stroke-width="2"/><text x="{L + 206}" y="{ly + 4}">{name}</text>')
     out.append("</svg>")
     return "\n".join(out)
