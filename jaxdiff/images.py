@@ -11,15 +11,13 @@ from PIL import Image
 
 
 def to_uint8(x: jax.Array, value_range: tuple[float, float] = (-1.0, 1.0)) -> jax.Array:
-    """Float images -> uint8 [0, 255], rounded (half to even) and clipped: ``value_range`` maps to
-    [0, 255]. The default (-1, 1) is the models' pixel range; (0, 1) is diffusers' ``output_type="np"``
-    (:func:`jaxdiff.text_to_image.text_to_image`), rounded as its ``numpy_to_pil``."""
-    lo, hi = value_range
-    if (lo, hi) == (-1.0, 1.0):
-        return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
-    if (lo, hi) == (0.0, 1.0):
-        return jnp.clip(jnp.round(jnp.asarray(x, jnp.float32) * 255.0), 0, 255).astype(jnp.uint8)
-    raise ValueError(f"to_uint8: value_range must be (-1, 1) or (0, 1), got {value_range!r}.")
+    """Float images -> uint8 [0, 255]: ``value_range`` maps linearly to [0, 255], then rounded (half to
+    even) and clipped. The default (-1, 1) is the models' pixel range; (0, 1) is diffusers'
+    ``output_type="np"`` (:func:`jaxdiff.text_to_image.text_to_image`), rounded as its ``numpy_to_pil``."""
+    lo, hi = (float(v) for v in value_range)
+    if not hi > lo:
+        raise ValueError(f"to_uint8: value_range must be (low, high) with high > low, got {value_range!r}.")
+    return jnp.clip(jnp.round((x - lo) * (255.0 / (hi - lo))), 0, 255).astype(jnp.uint8)
 
 
 def make_grid(images: np.ndarray, ncol: int | None = None, pad: int = 1) -> np.ndarray:

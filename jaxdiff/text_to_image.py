@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import sampling, xla
+from jaxdiff.images import to_uint8
 from jaxdiff.interop.clip import load_transformers_clip_text
 from jaxdiff.interop.unet2d_cond import load_unet2d_condition
 from jaxdiff.interop.vae import load_diffusers_vae
@@ -448,8 +449,6 @@ def generate_images(sd: StableDiffusion, prompts: Union[str, Sequence[str]], *, 
     is padded with its last prompt (one compiled shape for every batch) and the padding dropped.
     ``kwargs`` go to :func:`text_to_image` (``num_steps``, ``guidance_scale``, ``method``,
     ``negative_prompt``, ``height``, ``width``). Pixels are rounded as diffusers' ``numpy_to_pil``."""
-    from jaxdiff.images import to_uint8
-
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ValueError("Give at least one prompt.")
