@@ -88,11 +88,10 @@ def svg_plot(rows: Sequence[dict], title: str = "") -> str:
               ("within-class diversity / real", "diversity_ratio", "#9467bd", 1.1),
               ("Frechet / real-vs-real (right; dotted: 1.5)", "frechet_ratio", "#d62728", fr_max)]
     for i, (name, key, colour, top) in enumerate(series):
-        pts = " ".join(f"{px(r['guidance']):.1f},{py(r[key] * 1.1 / top if top != 1.1 else r[key], 1.1):.1f}"
-                       for r in rows)
+        values = [r[key] * 1.1 / top for r in rows]  # the right-axis series scaled onto the left axis
+        pts = " ".join(f"{px(r['guidance']):.1f},{py(v, 1.1):.1f}" for r, v in zip(rows, values))
         out.append(f'<polyline points="{pts}" fill="none" stroke="{colour}" stroke-width="2"/>')
-        for r in rows:
-            v = r[key] * 1.1 / top if top != 1.1 else r[key]
+        for r, v in zip(rows, values):
             out.append(f'<circle cx="{px(r["guidance"]):.1f}" cy="{py(v, 1.1):.1f}" r="3" fill="{colour}"/>')
         ly = H - B - 50 + 15 * i  # legend in the lower right, below the accuracy and diversity lines
         out.append(f'<line x1="{L + 180}" x2="{L + 200}" y1="{ly}" y2="{ly}" stroke="{colour}" '
