@@ -155,6 +155,29 @@ def test_digits_eval_logged_and_equal_to_recomputation(digits_run, data_dir):
         assert {k: logged[step][k] for k in want} == want
 
 
+@pytest.mark.slow
+def test_guidance_sweep_rows_are_the_public_figures_of_each_scale(digits_run, data_dir):
+    """experiments.guidance_sweep's library half: every scale samples the same labels from the same key,
+    and each row holds evaluate_digits' and judge_digits' figures of those samples."""
+    from jaxdiff import generation, runs
+    from jaxdiff.eval import evaluate_digits
+    from jaxdiff.eval.digits_sweep import guidance_sweep
+    from jaxdiff.eval.judge import judge_digits
+
+    run = runs.load_run(digits_run[0])
+    rows = guidance_sweep(run, [1.0, 3.0], num=20, seed=7, batch_size=20)
+    assert [r["guidance"] for r in rows] == [1.0, 3.0]
+    labels = np.arange(20) % 10
+    for row in rows:
+        images, _ = generation.generate(run.model, run.params, run.schedule, run.config, num=20,
+                                        key=jax.random.key(7), labels=labels, guidance=row["guidance"])
+        d, j = evaluate_digits(images, labels), judge_digits(images, labels)
+        assert (row["accuracy"], row["frechet"], row["judge_accuracy"], row["diversity_ratio"]) == (
+            d["accuracy"], d["frechet"], j["judge_accuracy"], j["diversity_ratio"])
+        assert row["frechet_ratio"] == pytest.approx(d["frechet"] / d["frechet_real_vs_real"], rel=1e-12)
+    assert rows[0]["frechet"] != rows[1]["frechet"]  # the scale changes the samples
+
+
 EIGHT_DEVICES = textwrap.dedent("""
     import dataclasses, hashlib, json, os, sys
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
