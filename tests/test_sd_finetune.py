@@ -331,6 +331,16 @@ def test_finetune_resume_sample(sd_folder, images, data_dir, tmp_path, lora_rank
     r = subprocess.run([sys.executable, "-m", "experiments.export", f"--workdir={workdir}", f"--out={exported}"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "not empty" in r.stderr and "Traceback" not in r.stderr
+    # --no-ema: the file holds the raw (optimizer's) adapters of the last checkpoint.
+    raw_out = tmp_path / "lora_raw"
+    r = subprocess.run([sys.executable, "-m", "experiments.export", f"--workdir={workdir}", f"--out={raw_out}",
+                        "--no-ema"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    from jaxdiff.interop.lora import load_diffusers_lora
+
+    back, alpha, rank = load_diffusers_lora(str(raw_out / "pytorch_lora_weights.safetensors"))
+    assert (alpha, rank) == (3.0, 2)
+    assert _leaves_equal(back, trained["lora"]) and not _leaves_equal(back, ema["lora"])
     assert _digest(sd_folder) == before
 
 
