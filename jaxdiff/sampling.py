@@ -22,12 +22,19 @@ read on the host), so call ``sample`` outside of your own ``jit``.
 Sampler arithmetic is float32 whatever the network computes in: the model output is cast to
 float32 before use.
 
+Two sigmas (see :mod:`jaxdiff.schedules`): ``sigma`` is the VP noise level ``sqrt(1 - alpha_bar)``
+of ``x_t = alpha x_0 + sigma eps`` (DDPM, DDIM, DPM-Solver++ and :mod:`jaxdiff.diffusion`);
+``ve_sigma`` is the VE one, ``sigma / alpha = sqrt((1 - alpha_bar) / alpha_bar)`` of
+``x_t / alpha = x_0 + ve_sigma eps``, the state variable of Euler, Heun and Euler ancestral and
+what Karras sigmas and diffusers' ``scheduler.sigmas`` are. Every sampler takes its timesteps
+(and VE sigmas) from :func:`jaxdiff.schedules.sampling_grid`.
+
 Conventions follow diffusers' schedulers (``DDPMScheduler``, ``DDIMScheduler``,
 ``DPMSolverMultistepScheduler``, ``EulerDiscreteScheduler``, ``HeunDiscreteScheduler``,
 ``EulerAncestralDiscreteScheduler``) with the
 same default timestep spacing per method; where we deviate on purpose it is said in the sampler's
 docstring (DDIM always steps to the next timestep of the grid; the Euler family always starts at
-``sqrt(sigma_max^2 + 1)``; DDPM/DDIM recompute eps from a clipped x0; no noise at the last step).
+``sqrt(ve_sigma_max^2 + 1)``; DDPM/DDIM recompute eps from a clipped x0; no noise at the last step).
 """
 from __future__ import annotations
 
@@ -43,15 +50,7 @@ import numpy as np
 
 from jaxdiff import xla
 from jaxdiff.diffusion import PREDICTIONS, pred_to_x0_eps
-from jaxdiff.schedules import (
-    TIMESTEP_SPACINGS,
-    Schedule,
-    karras_sigmas,
-    sigma_to_timestep,
-    timestep_to_sigma,
-    timesteps,
-    train_sigmas_np,
-)
+from jaxdiff.schedules import TIMESTEP_SPACINGS, Schedule, sampling_grid
 
 METHODS = ("ddpm", "ddim", "dpmpp_2m", "euler", "heun", "euler_ancestral", "pndm")
 VARIANCES = ("fixed_small", "fixed_large")
@@ -133,43 +132,44 @@ def _dpmpp_2m_step(model, denoise, carry, c, key):
     return x, x0
 
 
-def _ve_denoiser(model, denoise, x, sigma, t):
-    """Karras' D(x; sigma) for a VP-trained model: call it on x / sqrt(sigma^2 + 1)."""
-    c_in = 1.0 / jnp.sqrt(sigma**2 + 1.0)  # = alpha of the VP process at this noise level
-    x_in = x * c_in  # = alpha x0 + (sigma c_in) eps
-    x0, _ = denoise(model(x_in, t), x_in, c_in, sigma * c_in)
+def _ve_denoiser(model, denoise, x, ve_sigma, t):
+    """Karras' D(x; ve_sigma) for a VP-trained model: call it on x / sqrt(ve_sigma^2 + 1)."""
+    c_in = 1.0 / jnp.sqrt(ve_sigma**2 + 1.0)  # = alpha of the VP process at this noise level
+    x_in = x * c_in  # = alpha x0 + (ve_sigma c_in) eps, and ve_sigma c_in is the VP sigma
+    x0, _ = denoise(model(x_in, t), x_in, c_in, ve_sigma * c_in)
     return x0
 
 
 def _euler_step(model, denoise, carry, c, key):
-    """Karras et al. (2022), Algorithm 1 without churn: x_next = x + (sigma_next - sigma) d."""
+    """Karras et al. (2022), Algorithm 1 without churn: x_next = x + (ve_sigma_next - ve_sigma) d."""
     x, _ = carry
-    d = (x - _ve_denoiser(model, denoise, x, c["sigma"], c["t"])) / c["sigma"]
-    return x + (c["sigma_next"] - c["sigma"]) * d, None
+    d = (x - _ve_denoiser(model, denoise, x, c["ve_sigma"], c["t"])) / c["ve_sigma"]
+    return x + (c["ve_sigma_next"] - c["ve_sigma"]) * d, None
 
 
 def _heun_step(model, denoise, carry, c, key):
     """Karras et al. (2022), Algorithm 1 (deterministic): Euler, then the trapezoidal correction
-    unless sigma_next = 0 (the last step is plain Euler: 2N - 1 model calls in all)."""
+    unless ve_sigma_next = 0 (the last step is plain Euler: 2N - 1 model calls in all)."""
     x, _ = carry
-    sigma, sigma_next = c["sigma"], c["sigma_next"]
-    d = (x - _ve_denoiser(model, denoise, x, sigma, c["t"])) / sigma
-    x_euler = x + (sigma_next - sigma) * d
+    ve_sigma, ve_sigma_next = c["ve_sigma"], c["ve_sigma_next"]
+    d = (x - _ve_denoiser(model, denoise, x, ve_sigma, c["t"])) / ve_sigma
+    x_euler = x + (ve_sigma_next - ve_sigma) * d
 
     def correct():
-        d_next = (x_euler - _ve_denoiser(model, denoise, x_euler, sigma_next, c["t_next"])) / sigma_next
-        return x + (sigma_next - sigma) * 0.5 * (d + d_next)
+        d_next = (x_euler - _ve_denoiser(model, denoise, x_euler, ve_sigma_next, c["t_next"])) / ve_sigma_next
+        return x + (ve_sigma_next - ve_sigma) * 0.5 * (d + d_next)
 
-    return jax.lax.cond(sigma_next > 0, correct, lambda: x_euler), None
+    return jax.lax.cond(ve_sigma_next > 0, correct, lambda: x_euler), None
 
 
 def _euler_ancestral_step(model, denoise, carry, c, key):
-    """Euler to sigma_down, then fresh noise of std sigma_up (k-diffusion's ``sample_euler_ancestral``,
-    eta 1; diffusers' ``EulerAncestralDiscreteScheduler``): sigma_down^2 + sigma_up^2 = sigma_next^2."""
+    """Euler to ve_sigma_down, then fresh noise of std ve_sigma_up (k-diffusion's
+    ``sample_euler_ancestral``, eta 1; diffusers' ``EulerAncestralDiscreteScheduler``):
+    ve_sigma_down^2 + ve_sigma_up^2 = ve_sigma_next^2."""
     x, _ = carry
-    d = (x - _ve_denoiser(model, denoise, x, c["sigma"], c["t"])) / c["sigma"]
-    x = x + (c["sigma_down"] - c["sigma"]) * d
-    return x + c["sigma_up"] * jax.random.normal(key, x.shape, jnp.float32), None
+    d = (x - _ve_denoiser(model, denoise, x, c["ve_sigma"], c["t"])) / c["ve_sigma"]
+    x = x + (c["ve_sigma_down"] - c["ve_sigma"]) * d
+    return x + c["ve_sigma_up"] * jax.random.normal(key, x.shape, jnp.float32), None
 
 
 def _pndm_step(model, denoise, carry, c, key):
@@ -286,11 +286,11 @@ def sample_ddpm(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, *, num_st
       x_T: ``[B, ...]`` standard normal noise. Returns x_0 ``[B, ...]`` float32 (and the trajectory
         ``[num_steps, B, ...]`` of x after each step when ``return_trajectory``).
     """
-    ab, T = _check(schedule, x_T, num_steps, prediction, timestep_spacing, "ddpm")
+    ab, _ = _check(schedule, x_T, num_steps, prediction, timestep_spacing, "ddpm")
     _need_key(key, "ddpm")
     if variance not in VARIANCES:
         raise ValueError(f"Unknown variance {variance!r}; choose one of {VARIANCES}.")
-    t = np.round(timesteps(T, num_steps, timestep_spacing, steps_offset)).astype(np.int64)
+    t = sampling_grid(ab, num_steps, timestep_spacing, steps_offset=steps_offset, integer=True)[0].astype(np.int64)
     alpha_bar = ab[t]
     alpha_bar_prev = np.append(ab[t[1:]], 1.0)  # the step after the last lands on clean data
     beta = 1.0 - alpha_bar / alpha_bar_prev
@@ -322,7 +322,7 @@ def sample_ddim(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, *, num_st
     ``final_alpha_cumprod``: the alpha_bar the last step goes to; None = 1 (clean data). Stable
     Diffusion's scheduler configs say ``set_alpha_to_one=False``: pass ``alphas_cumprod[0]``.
     """
-    ab, T = _check(schedule, x_T, num_steps, prediction, timestep_spacing, "ddim")
+    ab, _ = _check(schedule, x_T, num_steps, prediction, timestep_spacing, "ddim")
     final = 1.0 if final_alpha_cumprod is None else float(final_alpha_cumprod)
     if not 0.0 < final <= 1.0:
         raise ValueError(f"final_alpha_cumprod must be in (0, 1], got {final_alpha_cumprod}.")
@@ -330,7 +330,7 @@ def sample_ddim(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, *, num_st
         raise ValueError(f"eta must be >= 0, got {eta}.")
     if eta > 0:
         _need_key(key, "ddim with eta > 0")
-    t = np.round(timesteps(T, num_steps, timestep_spacing, steps_offset)).astype(np.int64)
+    t = sampling_grid(ab, num_steps, timestep_spacing, steps_offset=steps_offset, integer=True)[0].astype(np.int64)
     alpha_bar = ab[t]
     alpha_bar_prev = np.append(ab[t[1:]], final)
     sigma_eta = eta * np.sqrt((1.0 - alpha_bar_prev) / (1.0 - alpha_bar) * (1.0 - alpha_bar / alpha_bar_prev))
@@ -351,25 +351,18 @@ def sample_dpmpp_2m(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, *, nu
 
     The grid has ``num_steps`` integer timesteps (``"linspace"``/``"leading"`` take N + 1 points and
     drop the final 0) and ends at sigma = 0 (``final_sigmas_type="zero"``), so the first and the
-    last step are first order (``lower_order_final``). With ``use_karras_sigmas`` the sigmas span the
-    whole training range (spacing is ignored) and the model is called at the rounded timesteps.
+    last step are first order (``lower_order_final``). With ``use_karras_sigmas`` the VE sigmas span
+    the whole training range (spacing is ignored; ``sampling_grid(..., karras="training")``) and the
+    model is called at the rounded timesteps.
     """
-    ab, T = _check(schedule, x_T, num_steps, prediction, timestep_spacing, "dpmpp_2m")
-    train_sigmas = train_sigmas_np(ab)
-    if use_karras_sigmas:
-        s = karras_sigmas(train_sigmas[0], train_sigmas[-1], num_steps)
-        t = np.round(sigma_to_timestep(s, train_sigmas))
-    else:
-        if timestep_spacing == "trailing":
-            t = timesteps(T, num_steps, "trailing")
-        else:
-            t = np.round(timesteps(T, num_steps + 1, timestep_spacing, steps_offset))[:-1]
-        s = train_sigmas[t.astype(np.int64)]
-    s = np.append(s, 0.0)  # variance-exploding sigma = sigma / alpha; the grid ends on clean data
-    alpha = 1.0 / np.sqrt(s**2 + 1.0)
-    sigma = s * alpha
+    ab, _ = _check(schedule, x_T, num_steps, prediction, timestep_spacing, "dpmpp_2m")
+    # N integer timesteps; VE sigmas (ending with 0, clean data) from the table or Karras' levels
+    t, ve_sigma = sampling_grid(ab, num_steps, timestep_spacing, steps_offset=steps_offset, integer=True,
+                                drop_last=True, karras="training" if use_karras_sigmas else None)
+    alpha = 1.0 / np.sqrt(ve_sigma**2 + 1.0)
+    sigma = ve_sigma * alpha  # VP
     with np.errstate(divide="ignore"):
-        h = np.log(s[:-1] / s[1:])  # lambda_next - lambda, with lambda = log(alpha / sigma) = -log(s)
+        h = np.log(ve_sigma[:-1] / ve_sigma[1:])  # lambda_next - lambda, lambda = log(alpha / sigma) = -log(ve_sigma)
     r = np.ones(num_steps)
     r[1:] = h[:-1] / h[1:]
     second_order = np.zeros(num_steps)
@@ -383,30 +376,23 @@ def sample_dpmpp_2m(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, *, nu
                  dynamic_threshold=dynamic_threshold, extra_args=extra_args, return_trajectory=return_trajectory)
 
 
-def _karras_grid(ab, T, num_steps, spacing, steps_offset, use_karras_sigmas):
-    """Float timesteps and VE sigmas (with a final 0) as diffusers' Euler/Heun discrete schedulers."""
-    train_sigmas = train_sigmas_np(ab)
-    t = timesteps(T, num_steps, spacing, steps_offset)
-    s = timestep_to_sigma(t, train_sigmas)
-    if use_karras_sigmas:  # spans the spaced grid's own [sigma_min, sigma_max], as diffusers does
-        s = karras_sigmas(s[-1], s[0], num_steps)
-        t = sigma_to_timestep(s, train_sigmas)
-    return t, np.append(s, 0.0)
-
-
 def sample_euler(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, *, num_steps: int,
                  prediction: str = "eps", timestep_spacing: str = "linspace", steps_offset: int = 0,
                  use_karras_sigmas: bool = False, clip_x0: float | None = None, dynamic_threshold=None,
                  extra_args: Mapping[str, Any] | None = None, return_trajectory: bool = False, key=None):
-    """Euler's method on the probability-flow ODE in sigma space (Karras et al. 2022; diffusers'
-    ``EulerDiscreteScheduler``). The state is ``x = x0 + sigma n`` (VE); the model sees
-    ``x / sqrt(sigma^2 + 1)`` at the float timestep interpolated from sigma. ``x_T`` is scaled by
-    ``sqrt(sigma_max^2 + 1)`` (diffusers uses ``sigma_max`` for linspace/trailing spacing).
+    """Euler's method on the probability-flow ODE in VE-sigma space (Karras et al. 2022; diffusers'
+    ``EulerDiscreteScheduler``). The state is ``x = x0 + ve_sigma n`` (VE); the model sees
+    ``x / sqrt(ve_sigma^2 + 1)`` at the float timestep of the grid. ``x_T`` is scaled by
+    ``sqrt(ve_sigma_max^2 + 1)`` (diffusers uses ``ve_sigma_max`` for linspace/trailing spacing).
+    Grid: ``sampling_grid`` with float timesteps; Karras levels span the spaced grid's own range
+    (``karras="grid"``).
     """
-    ab, T = _check(schedule, x_T, num_steps, prediction, timestep_spacing, "euler")
-    t, s = _karras_grid(ab, T, num_steps, timestep_spacing, steps_offset, use_karras_sigmas)
-    consts = dict(t=t, sigma=s[:-1], sigma_next=s[1:])
-    return _loop(_euler_step, model_fn, x_T, consts, init_scale=math.sqrt(s[0] ** 2 + 1.0), prediction=prediction,
+    ab, _ = _check(schedule, x_T, num_steps, prediction, timestep_spacing, "euler")
+    t, ve_sigma = sampling_grid(ab, num_steps, timestep_spacing, steps_offset=steps_offset,
+                                karras="grid" if use_karras_sigmas else None)
+    consts = dict(t=t, ve_sigma=ve_sigma[:-1], ve_sigma_next=ve_sigma[1:])
+    return _loop(_euler_step, model_fn, x_T, consts, init_scale=math.sqrt(ve_sigma[0] ** 2 + 1.0),
+                 prediction=prediction,
                  clip_x0=clip_x0, dynamic_threshold=dynamic_threshold, extra_args=extra_args,
                  return_trajectory=return_trajectory)
 
@@ -418,10 +404,12 @@ def sample_heun(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, *, num_st
     """Heun's second-order method (Karras et al. 2022, Algorithm 1; diffusers'
     ``HeunDiscreteScheduler``): 2 * num_steps - 1 model calls. Grid and scaling as :func:`sample_euler`.
     """
-    ab, T = _check(schedule, x_T, num_steps, prediction, timestep_spacing, "heun")
-    t, s = _karras_grid(ab, T, num_steps, timestep_spacing, steps_offset, use_karras_sigmas)
-    consts = dict(t=t, t_next=np.append(t[1:], 0.0), sigma=s[:-1], sigma_next=s[1:])
-    return _loop(_heun_step, model_fn, x_T, consts, init_scale=math.sqrt(s[0] ** 2 + 1.0), prediction=prediction,
+    ab, _ = _check(schedule, x_T, num_steps, prediction, timestep_spacing, "heun")
+    t, ve_sigma = sampling_grid(ab, num_steps, timestep_spacing, steps_offset=steps_offset,
+                                karras="grid" if use_karras_sigmas else None)
+    consts = dict(t=t, t_next=np.append(t[1:], 0.0), ve_sigma=ve_sigma[:-1], ve_sigma_next=ve_sigma[1:])
+    return _loop(_heun_step, model_fn, x_T, consts, init_scale=math.sqrt(ve_sigma[0] ** 2 + 1.0),
+                 prediction=prediction,
                  clip_x0=clip_x0, dynamic_threshold=dynamic_threshold, extra_args=extra_args,
                  return_trajectory=return_trajectory)
 
@@ -431,20 +419,20 @@ def sample_euler_ancestral(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array
                            steps_offset: int = 0, clip_x0: float | None = None, dynamic_threshold=None,
                            extra_args: Mapping[str, Any] | None = None, return_trajectory: bool = False):
     """Euler ancestral (diffusers' ``EulerAncestralDiscreteScheduler``, k-diffusion's
-    ``sample_euler_ancestral`` with eta 1): each step goes by Euler from sigma to
-    ``sigma_down = sqrt(sigma_next^2 - sigma_up^2)`` and adds noise of std
-    ``sigma_up = sqrt(sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2)``, drawn from
-    ``split(key, num_steps)[i]`` (the last step, to sigma = 0, adds none). Grid and scaling of
+    ``sample_euler_ancestral`` with eta 1), in VE sigmas: each step goes by Euler from ve_sigma to
+    ``ve_sigma_down = sqrt(ve_sigma_next^2 - ve_sigma_up^2)`` and adds noise of std
+    ``ve_sigma_up = sqrt(ve_sigma_next^2 (ve_sigma^2 - ve_sigma_next^2) / ve_sigma^2)``, drawn from
+    ``split(key, num_steps)[i]`` (the last step, to ve_sigma = 0, adds none). Grid and scaling of
     ``x_T`` as :func:`sample_euler`.
     """
-    ab, T = _check(schedule, x_T, num_steps, prediction, timestep_spacing, "euler_ancestral")
+    ab, _ = _check(schedule, x_T, num_steps, prediction, timestep_spacing, "euler_ancestral")
     _need_key(key, "euler_ancestral")
-    t, s = _karras_grid(ab, T, num_steps, timestep_spacing, steps_offset, False)
-    sigma, sigma_next = s[:-1], s[1:]
-    sigma_up = np.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
-    sigma_down = np.sqrt(sigma_next**2 - sigma_up**2)
-    consts = dict(t=t, sigma=sigma, sigma_down=sigma_down, sigma_up=sigma_up)
-    return _loop(_euler_ancestral_step, model_fn, x_T, consts, init_scale=math.sqrt(s[0] ** 2 + 1.0), key=key,
+    t, ve = sampling_grid(ab, num_steps, timestep_spacing, steps_offset=steps_offset)
+    ve_sigma, ve_sigma_next = ve[:-1], ve[1:]
+    ve_sigma_up = np.sqrt(ve_sigma_next**2 * (ve_sigma**2 - ve_sigma_next**2) / ve_sigma**2)
+    ve_sigma_down = np.sqrt(ve_sigma_next**2 - ve_sigma_up**2)
+    consts = dict(t=t, ve_sigma=ve_sigma, ve_sigma_down=ve_sigma_down, ve_sigma_up=ve_sigma_up)
+    return _loop(_euler_ancestral_step, model_fn, x_T, consts, init_scale=math.sqrt(ve[0] ** 2 + 1.0), key=key,
                  prediction=prediction, clip_x0=clip_x0, dynamic_threshold=dynamic_threshold,
                  extra_args=extra_args, return_trajectory=return_trajectory)
 
@@ -467,7 +455,8 @@ def sample_pndm(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, *, num_st
     if clip_x0 is not None or dynamic_threshold is not None:
         raise ValueError("pndm does not clip or threshold x0 (diffusers' PNDMScheduler has no such option).")
     final = 1.0 if final_alpha_cumprod is None else float(final_alpha_cumprod)
-    asc = np.round(timesteps(T, num_steps, timestep_spacing, steps_offset))[::-1].astype(np.int64)
+    t, _ = sampling_grid(ab, num_steps, timestep_spacing, steps_offset=steps_offset, integer=True)
+    asc = t[::-1].astype(np.int64)
     plms = np.concatenate([asc[:-1], asc[-2:-1], asc[-1:]])[::-1]
     ratio = T // num_steps
     weights = {1: (1.0, 0.0, 0.0, 0.0), 2: (1.5, -0.5, 0.0, 0.0), 3: (23 / 12, -16 / 12, 5 / 12, 0.0),

@@ -8,6 +8,22 @@ lose precision (and never round to 0 or 1 the way bf16 would).
     >>> s.alphas_cumprod.shape
     (1000,)
 
+Two noise levels, two names:
+
+* ``sigma`` is the variance-preserving (VP) one, ``sigma_t = sqrt(1 - alpha_bar_t)`` with
+  ``x_t = alpha_t x_0 + sigma_t eps`` and ``alpha_t = sqrt(alpha_bar_t)``: the ``sigma`` of
+  :mod:`jaxdiff.diffusion` and of the DDPM/DDIM/DPM-Solver samplers.
+* ``ve_sigma`` is the variance-exploding (VE, k-diffusion/EDM) one,
+  ``ve_sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) = sigma_t / alpha_t`` with
+  ``x_t / alpha_t = x_0 + ve_sigma_t eps``: what diffusers' ``scheduler.sigmas`` hold, what Karras
+  et al. (2022) space, and the state variable of the Euler/Heun samplers. Functions here that
+  return or take it say ``ve_sigma`` in their names (:func:`ve_sigmas`, :func:`ve_sigmas_np`,
+  :func:`timestep_to_ve_sigma`, :func:`ve_sigma_to_timestep`, :func:`karras_ve_sigmas`); the
+  older names without ``ve_`` remain as aliases.
+
+Sampling grids (the timesteps, and VE sigmas, a sampler visits) all come from one builder,
+:func:`sampling_grid`.
+
 This module imports nothing else from jaxdiff.
 """
 from __future__ import annotations
@@ -193,22 +209,28 @@ def log_snr(schedule: Schedule) -> jax.Array:
     return jnp.log(schedule.alphas_cumprod) - schedule.log_one_minus_alphas_cumprod
 
 
-def sigmas(schedule: Schedule) -> jax.Array:
-    """Variance-exploding noise levels sigma_t = sqrt((1 - alpha_bar) / alpha_bar), float32 ``[T]``.
+def ve_sigmas(schedule: Schedule) -> jax.Array:
+    """Variance-exploding noise levels ve_sigma_t = sqrt((1 - alpha_bar) / alpha_bar), float32 ``[T]``.
 
-    ``x_t / sqrt(alpha_bar_t) = x_0 + sigma_t * eps``: the k-diffusion / EDM parameterisation.
+    ``x_t / sqrt(alpha_bar_t) = x_0 + ve_sigma_t * eps``: the k-diffusion / EDM parameterisation
+    (not the VP ``sigma_t = sqrt(1 - alpha_bar_t)``, which is ``schedule.sqrt_one_minus_alphas_cumprod``).
     """
     return schedule.sqrt_recipm1_alphas_cumprod
 
 
+sigmas = ve_sigmas  # old name
+
+
 # =============================================================================================
-# Sampling grids: timestep spacings, sigma interpolation, Karras sigmas.
+# Sampling grids: timestep spacings, VE-sigma interpolation, Karras sigmas, and the one builder.
 #
 # Host-side helpers for samplers. Everything here is float64 NumPy (no JAX): samplers compute
 # their per-step constants with these once per call and hand float32 arrays to the jitted loop.
-# Conventions follow diffusers (Lin et al. 2024, Table 2, for the spacings).
+# Conventions follow diffusers (Lin et al. 2024, Table 2, for the spacings). Every "sigma" in this
+# section is the VE ve_sigma = sqrt((1 - alpha_bar) / alpha_bar) (see the module docstring).
 # =============================================================================================
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+KARRAS_RANGES = ("training", "grid")
 
 
 def timesteps(num_train_timesteps: int, num_steps: int, spacing: str, steps_offset: int = 0) -> np.ndarray:
@@ -220,7 +242,8 @@ def timesteps(num_train_timesteps: int, num_steps: int, spacing: str, steps_offs
     * ``"linspace"``: ``N`` evenly spaced points from ``T - 1`` down to ``0``, not rounded (Euler/Heun
       use them as float timesteps; integer-time samplers round them).
 
-    ``steps_offset`` is applied to ``"leading"`` only, as in diffusers.
+    ``steps_offset`` is applied to ``"leading"`` only, as in diffusers. Samplers get their grid
+    from :func:`sampling_grid`, which builds on this.
     """
     T, N = int(num_train_timesteps), int(num_steps)
     if spacing not in TIMESTEP_SPACINGS:
@@ -234,28 +257,29 @@ def timesteps(num_train_timesteps: int, num_steps: int, spacing: str, steps_offs
     return np.round(np.arange(T, 0, -T / N, dtype=np.float64)) - 1.0
 
 
-def train_sigmas_np(alphas_cumprod) -> np.ndarray:
-    """Variance-exploding sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) as float64 ``[T]``."""
+def ve_sigmas_np(alphas_cumprod) -> np.ndarray:
+    """Variance-exploding ve_sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) as float64 ``[T]``."""
     ab = np.asarray(alphas_cumprod, dtype=np.float64)
     return np.sqrt((1.0 - ab) / ab)
 
 
-def timestep_to_sigma(t, train_sigmas: np.ndarray) -> np.ndarray:
-    """sigma at (fractional) timesteps ``t``, linear in sigma between integer timesteps (diffusers)."""
-    return np.interp(np.asarray(t, dtype=np.float64), np.arange(len(train_sigmas), dtype=np.float64), train_sigmas)
+def timestep_to_ve_sigma(t, train_ve_sigmas: np.ndarray) -> np.ndarray:
+    """ve_sigma at (fractional) timesteps ``t``, linear in ve_sigma between integer timesteps (diffusers)."""
+    return np.interp(np.asarray(t, dtype=np.float64), np.arange(len(train_ve_sigmas), dtype=np.float64),
+                     train_ve_sigmas)
 
 
-def sigma_to_timestep(sigma, train_sigmas: np.ndarray) -> np.ndarray:
-    """Fractional timesteps of noise levels ``sigma``, linear in log(sigma) (inverse of the table).
+def ve_sigma_to_timestep(ve_sigma, train_ve_sigmas: np.ndarray) -> np.ndarray:
+    """Fractional timesteps of noise levels ``ve_sigma``, linear in log(ve_sigma) (inverse of the table).
 
-    Clamped to ``[0, T-1]``; ``train_sigmas`` must increase with t.
+    Clamped to ``[0, T-1]``; ``train_ve_sigmas`` must increase with t.
     """
-    log_sigma = np.log(np.maximum(np.asarray(sigma, dtype=np.float64), 1e-10))
-    return np.interp(log_sigma, np.log(train_sigmas), np.arange(len(train_sigmas), dtype=np.float64))
+    log_sigma = np.log(np.maximum(np.asarray(ve_sigma, dtype=np.float64), 1e-10))
+    return np.interp(log_sigma, np.log(train_ve_sigmas), np.arange(len(train_ve_sigmas), dtype=np.float64))
 
 
-def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
-    """Karras et al. (2022), eq. 5: ``n`` descending noise levels from sigma_max to sigma_min (float64).
+def karras_ve_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. (2022), eq. 5: ``n`` descending VE noise levels from sigma_max to sigma_min (float64).
 
     ``sigma_i = (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho``.
     Unlike k-diffusion's ``get_sigmas_karras`` no trailing zero is appended.
@@ -265,3 +289,75 @@ def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) 
     ramp = np.linspace(0.0, 1.0, int(n), dtype=np.float64)
     min_inv_rho, max_inv_rho = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
     return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+train_sigmas_np = ve_sigmas_np  # old name
+timestep_to_sigma = timestep_to_ve_sigma  # old name
+sigma_to_timestep = ve_sigma_to_timestep  # old name
+karras_sigmas = karras_ve_sigmas  # old name
+
+
+def sampling_grid(alphas_cumprod, num_steps: int, spacing: str, *, steps_offset: int = 0,
+                  karras: str | None = None, integer: bool = False,
+                  drop_last: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The timesteps a sampler visits and their VE sigmas: ``(t [N], ve_sigma [N + 1])``, float64.
+
+    Every sampler in :mod:`jaxdiff.sampling` gets its grid here; ``ve_sigma`` always ends with an
+    appended 0 (the step after the last lands on clean data) and is the VE noise level
+    ``sqrt((1 - alpha_bar) / alpha_bar)`` at each timestep (samplers that want the VP sigma or
+    alpha_bar index ``alphas_cumprod`` with the integer ``t``).
+
+    Args:
+      alphas_cumprod: the training alpha_bar ``[T]`` (any float array; used in float64).
+      num_steps: N, the number of timesteps returned.
+      spacing: ``"leading"``, ``"trailing"`` or ``"linspace"`` (see :func:`timesteps`); ignored
+        when ``karras="training"``.
+      steps_offset: shifts ``"leading"`` grids (diffusers' ``steps_offset``).
+      karras: None: ``ve_sigma`` is read off the spaced timesteps. Otherwise N Karras et al.
+        (2022) noise levels (:func:`karras_ve_sigmas`, rho 7) whose timesteps are found by
+        :func:`ve_sigma_to_timestep`; the two diffusers conventions differ in their range:
+
+        * ``"training"``: the whole training range ``[ve_sigma_0, ve_sigma_{T-1}]``, spacing
+          ignored, as ``DPMSolverMultistepScheduler(use_karras_sigmas=True)``.
+        * ``"grid"``: the spaced grid's own ``[min, max]`` (its sigmas interpolated at the float
+          timesteps of ``spacing``), as ``EulerDiscreteScheduler`` / ``HeunDiscreteScheduler``
+          with ``use_karras_sigmas=True``.
+      integer: round the timesteps (still float64; cast them to index tables). Without Karras the VE sigmas are then
+        the training table's values at those integers (DPM-Solver++); with Karras they stay the
+        Karras levels while only the timesteps are rounded (diffusers' DPM-Solver does the same).
+        False: float timesteps, VE sigmas interpolated linearly between integer timesteps
+        (:func:`timestep_to_ve_sigma`, Euler/Heun).
+      drop_last: ``"linspace"`` and ``"leading"`` build N + 1 timesteps and drop the last
+        (``DPMSolverMultistepScheduler``, whose ``"leading"`` step is ``T // (N + 1)``);
+        ``"trailing"`` and Karras grids are unaffected.
+
+    Which sampler asks for what (each matches the named diffusers scheduler's ``set_timesteps``):
+    ddpm/ddim/pndm ``integer=True`` (DDPM/DDIM/PNDMScheduler); dpmpp_2m ``integer=True,
+    drop_last=True``, ``karras="training"`` with Karras sigmas (DPMSolverMultistepScheduler);
+    euler/heun/euler_ancestral float timesteps, ``karras="grid"`` with Karras sigmas
+    (Euler/Heun/EulerAncestralDiscreteScheduler).
+    """
+    if karras not in (None,) + KARRAS_RANGES:
+        raise ValueError(f"Unknown karras range {karras!r}; choose None or one of {KARRAS_RANGES}.")
+    T, N = len(alphas_cumprod), int(num_steps)
+    with np.errstate(divide="ignore"):  # alpha_bar = 0 (zero terminal SNR): ve_sigma = inf
+        train = ve_sigmas_np(alphas_cumprod)
+    if karras == "training":
+        s = karras_ve_sigmas(train[0], train[-1], N)
+    else:
+        if drop_last and spacing != "trailing":
+            t = timesteps(T, N + 1, spacing, steps_offset)[:-1]
+        else:
+            t = timesteps(T, N, spacing, steps_offset)
+        if integer:
+            t = np.round(t)
+            s = train[t.astype(np.int64)]
+        else:
+            s = timestep_to_ve_sigma(t, train)
+        if karras == "grid":
+            s = karras_ve_sigmas(s[-1], s[0], N)
+    if karras is not None:
+        t = ve_sigma_to_timestep(s, train)
+        if integer:
+            t = np.round(t)
+    return t, np.append(s, 0.0)

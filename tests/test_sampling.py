@@ -19,12 +19,12 @@ diffusers = pytest.importorskip("diffusers")
 
 from jaxdiff import sampling  # noqa: E402
 from jaxdiff.schedules import (  # noqa: E402
-    karras_sigmas,
+    karras_ve_sigmas,
     make_schedule,
-    sigma_to_timestep,
-    timestep_to_sigma,
+    timestep_to_ve_sigma,
     timesteps,
-    train_sigmas_np,
+    ve_sigma_to_timestep,
+    ve_sigmas_np,
 )
 
 T = 1000
@@ -121,15 +121,15 @@ def test_timesteps_match_diffusers(spacing, num_steps):
     np.testing.assert_allclose(timesteps(T, num_steps, spacing, offset), euler.timesteps.numpy(), rtol=1e-6)
 
 
-def test_karras_sigmas_and_sigma_timestep_maps():
-    s = train_sigmas_np(np.asarray(SCHEDULES["scaled_linear"].alphas_cumprod, np.float64))
+def test_karras_ve_sigmas_and_ve_sigma_timestep_maps():
+    s = ve_sigmas_np(np.asarray(SCHEDULES["scaled_linear"].alphas_cumprod, np.float64))
     euler = diffusers.EulerDiscreteScheduler(**SCHED_KW["scaled_linear"], use_karras_sigmas=True)
     ref = euler._convert_to_karras(torch.tensor([s[-1], s[0]]), 20)
-    np.testing.assert_allclose(karras_sigmas(s[0], s[-1], 20), ref, rtol=1e-12)
+    np.testing.assert_allclose(karras_ve_sigmas(s[0], s[-1], 20), ref, rtol=1e-12)
     t = np.array([0.0, 0.5, 17.25, 998.9, 999.0])
-    np.testing.assert_allclose(sigma_to_timestep(timestep_to_sigma(np.round(t), s), s), np.round(t), atol=1e-9)
-    np.testing.assert_allclose(sigma_to_timestep(karras_sigmas(s[0], s[-1], 9), s),
-                               euler._sigma_to_t(karras_sigmas(s[0], s[-1], 9), np.log(s)), atol=1e-9)
+    np.testing.assert_allclose(ve_sigma_to_timestep(timestep_to_ve_sigma(np.round(t), s), s), np.round(t), atol=1e-9)
+    np.testing.assert_allclose(ve_sigma_to_timestep(karras_ve_sigmas(s[0], s[-1], 9), s),
+                               euler._sigma_to_t(karras_ve_sigmas(s[0], s[-1], 9), np.log(s)), atol=1e-9)
 
 
 # ----------------------------------------------------------------------------- ODE samplers vs diffusers

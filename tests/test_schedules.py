@@ -6,15 +6,18 @@ References:
   * Rombach et al. (Stable Diffusion) scaled_linear; GeoDiff sigmoid.
   * Lin et al. 2024, Algorithm 1: rescale to zero terminal SNR.
   * diffusers.DDPMScheduler (float32 torch) on the same configuration.
+  * Sampling grids: float64 transcriptions of diffusers' DPMSolverMultistepScheduler and
+    EulerDiscreteScheduler ``set_timesteps`` (0.42), and the schedulers themselves.
 """
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.special
-from diffusers import DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
 from jaxdiff import schedules as S
 
@@ -139,7 +142,8 @@ def test_snr_views_match_reference(kind):
     assert max_rel_err(S.snr(s), ab / (1 - ab)) < 1e-6
     # log_snr crosses 0, so measure it absolutely: an absolute error in log SNR is a relative error in SNR.
     assert np.max(np.abs(np.asarray(S.log_snr(s), np.float64) - (np.log(ab) - np.log1p(-ab)))) < 2e-6
-    assert max_rel_err(S.sigmas(s), np.sqrt((1 - ab) / ab)) < 1e-6
+    assert max_rel_err(S.ve_sigmas(s), np.sqrt((1 - ab) / ab)) < 1e-6  # VE sigma = sigma / alpha
+    assert max_rel_err(s.sqrt_one_minus_alphas_cumprod, np.sqrt(1 - ab)) < 1e-6  # the VP sigma
 
 
 @pytest.mark.parametrize(
@@ -257,3 +261,162 @@ def test_bad_input():
         S.make_schedule("scaled_linear", 100, beta_start=0.0)
     with pytest.raises(ValueError, match="beta_start"):
         S.make_schedule("sigmoid", 100, beta_end=1.0)
+
+
+# ------------------------------------------------------------------ sampling grids
+# float64 transcriptions of diffusers 0.42 `set_timesteps` (lambda_min_clipped=-inf, final_sigmas_type="zero").
+def ref_karras(sigma_min, sigma_max, n, rho=7.0):
+    """diffusers' `_convert_to_karras`."""
+    ramp = np.linspace(0, 1, n)
+    min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+def ref_sigma_to_t(sigma, log_sigmas):
+    """diffusers' `_sigma_to_t` (piecewise linear in log sigma), one sigma."""
+    log_sigma = np.log(np.maximum(sigma, 1e-10))
+    dists = log_sigma - log_sigmas[:, np.newaxis]
+    low_idx = np.cumsum((dists >= 0), axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    high_idx = low_idx + 1
+    low, high = log_sigmas[low_idx], log_sigmas[high_idx]
+    w = np.clip((low - log_sigma) / (low - high), 0, 1)
+    return ((1 - w) * low_idx + w * high_idx).reshape(np.shape(sigma))
+
+
+def ref_dpm_solver_grid(ab, n, spacing, steps_offset, karras):
+    """DPMSolverMultistepScheduler.set_timesteps: (timesteps, sigmas with the final 0)."""
+    T = len(ab)
+    if spacing == "linspace":
+        t = np.linspace(0, T - 1, n + 1).round()[::-1][:-1].astype(np.int64)
+    elif spacing == "leading":
+        t = (np.arange(0, n + 1) * (T // (n + 1))).round()[::-1][:-1].astype(np.int64) + steps_offset
+    else:
+        t = np.arange(T, 0, -T / n).round().astype(np.int64) - 1
+    sigmas = np.sqrt((1 - ab) / ab)
+    log_sigmas = np.log(sigmas)
+    if karras:
+        s = ref_karras(sigmas[0], sigmas[-1], n)
+        t = np.array([ref_sigma_to_t(x, log_sigmas) for x in s]).round()
+    else:
+        s = np.interp(t, np.arange(0, len(sigmas)), sigmas)
+    return t, np.concatenate([s, [0.0]])
+
+
+def ref_euler_grid(ab, n, spacing, steps_offset, karras):
+    """EulerDiscreteScheduler.set_timesteps (in float64): (timesteps, sigmas with the final 0)."""
+    T = len(ab)
+    if spacing == "linspace":
+        t = np.linspace(0, T - 1, n)[::-1].copy()
+    elif spacing == "leading":
+        t = (np.arange(0, n) * (T // n)).round()[::-1].astype(np.float64) + steps_offset
+    else:
+        t = np.arange(T, 0, -T / n).round() - 1
+    sigmas = np.sqrt((1 - ab) / ab)
+    log_sigmas = np.log(sigmas)
+    s = np.interp(t, np.arange(0, len(sigmas)), sigmas)
+    if karras:
+        s = ref_karras(s[-1], s[0], n)
+        t = np.array([ref_sigma_to_t(x, log_sigmas) for x in s])
+    return t, np.concatenate([s, [0.0]])
+
+
+GRID_CASES = [(sp, n) for sp in S.TIMESTEP_SPACINGS for n in (1, 2, 7, 25, 50, 999)]
+AB64 = {k: np.asarray(S.make_schedule(k, T).alphas_cumprod, np.float64) for k in ("linear", "scaled_linear")}
+
+
+@pytest.mark.parametrize("kind", ["linear", "scaled_linear"])
+@pytest.mark.parametrize("karras", [False, True])
+def test_sampling_grid_matches_dpm_solver_transcription(kind, karras):
+    ab = AB64[kind]
+    for spacing, n in GRID_CASES:
+        offset = 1 if spacing == "leading" and n < 500 else 0  # (n=999, offset 1 would step past T - 1)
+        t, s = S.sampling_grid(ab, n, spacing, steps_offset=offset, integer=True, drop_last=True,
+                               karras="training" if karras else None)
+        t_ref, s_ref = ref_dpm_solver_grid(ab, n, spacing, offset, karras)
+        assert t.dtype == np.float64 and s.dtype == np.float64 and t.shape == (n,) and s.shape == (n + 1,)
+        np.testing.assert_array_equal(t, t_ref, err_msg=f"{spacing} {n}")
+        np.testing.assert_allclose(s, s_ref, rtol=1e-12, atol=0, err_msg=f"{spacing} {n}")
+
+
+@pytest.mark.parametrize("kind", ["linear", "scaled_linear"])
+@pytest.mark.parametrize("karras", [False, True])
+def test_sampling_grid_matches_euler_transcription(kind, karras):
+    ab = AB64[kind]
+    for spacing, n in GRID_CASES:
+        offset = 1 if spacing == "leading" and n < 500 else 0  # (n=999, offset 1 would step past T - 1)
+        t, s = S.sampling_grid(ab, n, spacing, steps_offset=offset, karras="grid" if karras else None)
+        t_ref, s_ref = ref_euler_grid(ab, n, spacing, offset, karras)
+        np.testing.assert_allclose(t, t_ref, rtol=0, atol=1e-9, err_msg=f"{spacing} {n}")
+        np.testing.assert_allclose(s, s_ref, rtol=1e-12, atol=0, err_msg=f"{spacing} {n}")
+
+
+def test_sampling_grid_karras_ranges_differ_and_spacing_ignored_for_training_range():
+    ab = AB64["scaled_linear"]
+    train = S.ve_sigmas_np(ab)
+    _, s_train = S.sampling_grid(ab, 10, "leading", karras="training")
+    _, s_grid = S.sampling_grid(ab, 10, "leading", karras="grid")
+    assert s_train[0] == pytest.approx(train[-1], rel=1e-12) and s_train[-2] == pytest.approx(train[0], rel=1e-12)
+    t_leading = S.timesteps(T, 10, "leading")
+    assert s_grid[0] == pytest.approx(np.interp(t_leading[0], np.arange(T), train), rel=1e-12)
+    assert s_grid[-2] == pytest.approx(train[0], rel=1e-12)  # leading ends at t = 0
+    assert s_grid[0] < s_train[0]  # leading never reaches T - 1
+    for spacing in ("linspace", "trailing"):
+        t, s = S.sampling_grid(ab, 10, spacing, steps_offset=3, karras="training")
+        np.testing.assert_array_equal(s, s_train)
+
+
+# diffusers 0.42 + NumPy 2: "__array__ implementation doesn't accept a copy keyword" in set_timesteps.
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+@pytest.mark.parametrize("spacing", S.TIMESTEP_SPACINGS)
+@pytest.mark.parametrize("kind", ["linear", "scaled_linear"])
+def test_sampling_grid_matches_diffusers_schedulers(spacing, kind):
+    kw = dict(beta_schedule=kind, beta_start=0.00085, beta_end=0.012) if kind == "scaled_linear" else {}
+    offset = 1 if spacing == "leading" else 0
+    for n in (7, 25):
+        ddim = DDIMScheduler(timestep_spacing=spacing, steps_offset=offset, **kw)
+        ddim.set_timesteps(n)
+        ab = ddim.alphas_cumprod.numpy().astype(np.float64)
+        t, _ = S.sampling_grid(ab, n, spacing, steps_offset=offset, integer=True)
+        np.testing.assert_array_equal(t, ddim.timesteps.numpy())
+        for karras in (False, True):
+            dpm = DPMSolverMultistepScheduler(timestep_spacing=spacing, steps_offset=offset, use_karras_sigmas=karras,
+                                              final_sigmas_type="zero", **kw)
+            dpm.set_timesteps(n)
+            t, s = S.sampling_grid(ab, n, spacing, steps_offset=offset, integer=True, drop_last=True,
+                                   karras="training" if karras else None)
+            np.testing.assert_array_equal(t, dpm.timesteps.numpy())
+            np.testing.assert_allclose(s, dpm.sigmas.numpy(), rtol=1e-6)
+            euler = EulerDiscreteScheduler(timestep_spacing=spacing, steps_offset=offset, use_karras_sigmas=karras, **kw)
+            euler.set_timesteps(n)
+            t, s = S.sampling_grid(ab, n, spacing, steps_offset=offset, karras="grid" if karras else None)
+            np.testing.assert_allclose(t, euler.timesteps.numpy(), rtol=1e-6, atol=1e-3)
+            np.testing.assert_allclose(s, euler.sigmas.numpy(), rtol=1e-6)
+
+
+def test_sampling_grid_integer_and_options():
+    ab = AB64["linear"]
+    for spacing in S.TIMESTEP_SPACINGS:
+        t, s = S.sampling_grid(ab, 30, spacing, steps_offset=1, integer=True)
+        np.testing.assert_array_equal(t, np.round(S.timesteps(T, 30, spacing, 1)))
+        np.testing.assert_array_equal(s, np.append(S.ve_sigmas_np(ab)[t.astype(np.int64)], 0.0))
+    # drop_last leaves trailing grids alone
+    np.testing.assert_array_equal(S.sampling_grid(ab, 30, "trailing", drop_last=True)[0],
+                                  S.sampling_grid(ab, 30, "trailing")[0])
+    with pytest.raises(ValueError, match="karras"):
+        S.sampling_grid(ab, 10, "linspace", karras="train")
+    with pytest.raises(ValueError, match="spacing"):
+        S.sampling_grid(ab, 10, "uniform")
+    # zero terminal SNR: ve_sigma_{T-1} = inf, without a warning
+    zsnr = np.asarray(S.make_schedule("scaled_linear", T, rescale_zero_terminal_snr=True).alphas_cumprod, np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t, s = S.sampling_grid(zsnr, 10, "trailing", integer=True)
+    assert t[0] == T - 1 and np.isinf(s[0]) and s[-1] == 0.0
+
+
+def test_old_names_are_aliases():
+    assert S.sigmas is S.ve_sigmas
+    assert S.train_sigmas_np is S.ve_sigmas_np
+    assert S.timestep_to_sigma is S.timestep_to_ve_sigma
+    assert S.sigma_to_timestep is S.ve_sigma_to_timestep
+    assert S.karras_sigmas is S.karras_ve_sigmas
