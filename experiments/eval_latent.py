@@ -46,8 +46,8 @@ def _train_step_ms(loaded, steps, batch_size=None):
         c = run.config
         opt = make_optimizer(learning_rate=c.train.lr)
         state = create_train_state(run.params, opt)
-        step = xla.jit(make_train_step(run.model.train_apply_fn(c.diffusion.get("p_uncond", 0.0)), opt, run.schedule,
-                                       prediction=c.diffusion.prediction, ema_decay=c.train.ema_decay), donate_argnums=0)
+        step = xla.jit(make_train_step(run.model.train_apply_fn(c.diffusion.p_uncond), opt, run.schedule,
+                                       prediction=run.model.prediction, ema_decay=c.train.ema_decay), donate_argnums=0)
         b = batch_size or c.train.batch_size
         rng = np.random.default_rng(0)
         batch = {"image": rng.standard_normal((b, *run.model.image_shape)).astype(np.float32),
@@ -87,7 +87,7 @@ def main(argv):
         print(f"error: {e}", file=sys.stderr)
         return 2
     size = ae.vae.image_shape[0]
-    data_dir = ae.config.data.get("data_dir") or None
+    data_dir = ae.config.data.data_dir
     t0 = time.perf_counter()
     r = digits_reconstruction_psnr(lambda x: ae.vae.reconstruct(ae.params, x), size, data_dir=data_dir)
     train_images, _ = real_images("digits", "train", size, data_dir)

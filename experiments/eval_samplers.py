@@ -46,8 +46,8 @@ def main(argv):
             batch_size=_BATCH.value, method=method, num_steps=int(steps) if steps else None, guidance=_GUIDANCE.value,
         )
         seconds = time.perf_counter() - t0
-        m = evaluate_digits(images, labels, data_dir=run.config.data.get("data_dir") or None)
-        rows.append({"sampler": method, "steps": int(steps or run.config.sample.num_steps), "seconds": seconds, **m})
+        m = evaluate_digits(images, labels, data_dir=run.config.data.data_dir)
+        rows.append({"sampler": method, "steps": int(steps or run.config.sample_steps), "seconds": seconds, **m})
         print(f"{method:>9} {rows[-1]['steps']:>5} steps  accuracy {m['accuracy']:.3f}  frechet {m['frechet']:.2f} "
               f"(real-vs-real {m['frechet_real_vs_real']:.2f})  {seconds:.1f} s", flush=True)
     if _JSON.value:

@@ -95,7 +95,7 @@ def main(argv):
     np.savez(out + ".npz", images=images, prompts=np.asarray(prompts, dtype=str), guidance=np.asarray(guidance))
     with open(out + ".json", "w") as f:
         json.dump({"workdir": os.path.abspath(FLAGS.workdir), "step": run.step, "sampler": s,
-                   "holdout": run.config.data.get("holdout") or None,
+                   "holdout": run.config.data.holdout,
                    "num_prompts": len(prompts), "templates": FLAGS.templates, "seed": FLAGS.seed,
                    "grid_columns": [prompts[i] for i in cols],
                    "results": {format(g, "g"): r for g, r in results.items()}}, f, indent=2)

@@ -89,7 +89,7 @@ def _export(workdir: str, out: str, step, ema: bool, overwrite: bool, merge: boo
     if meta.get("pretrained"):  # a fine-tuned Stable Diffusion run (experiments/configs/sd_finetune.py)
         run = runs.load_run(workdir, step)
         base = meta["pretrained"]["folder"]
-        trained_text = bool(run.config.train.get("text_encoder", False))
+        trained_text = run.config.train.text_encoder
         trainable = run.trainable if ema else _raw_params(workdir, step, run.trainable)
         if run.model.lora and not merge:
             if trained_text:
@@ -107,8 +107,8 @@ def _export(workdir: str, out: str, step, ema: bool, overwrite: bool, merge: boo
     params = jax.device_get(run.params if ema else _raw_params(workdir, step, run.params))
     c = run.config
     scheduler = export.ddpm_scheduler_config(
-        c.diffusion.schedule, int(c.diffusion.num_timesteps), dict(c.diffusion.get("schedule_options", None) or {}),
-        prediction=c.diffusion.prediction, clip_x0=c.sample.get("clip_x0", 1.0))
+        c.diffusion.schedule, c.diffusion.num_timesteps, dict(c.diffusion.schedule_options),
+        prediction=run.model.prediction, clip_x0=c.sample.clip_x0)
     ae = run.model.autoencoder
     vae = {} if ae is None else dict(vae=ae.vae.module, vae_params=jax.device_get(ae.params),
                                      vae_scaling_factor=ae.scale_factor, vae_image_shape=ae.vae.image_shape)

@@ -17,24 +17,20 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from jaxdiff import parallel, sampling
+from jaxdiff.config import Config, parse as parse_config
 from jaxdiff.images import to_uint8
 from jaxdiff.models import DiffusionModel, TextDiffusionModel
 from jaxdiff.schedules import Schedule
 
 
-def sampler_settings(config: ml_collections.ConfigDict, **overrides) -> dict:
+def sampler_settings(config: Config, **overrides) -> dict:
     """The sampler keyword arguments of ``config.sample``, with ``overrides`` applied."""
+    config = parse_config(config)
     sc = config.sample
-    s = {
-        "method": sc.get("method", "ddpm"),
-        "num_steps": sc.get("num_steps", config.diffusion.num_timesteps),
-        "eta": sc.get("eta", 0.0),
-        "guidance": sc.get("guidance", 1.0),
-    }
+    s = {"method": sc.method, "num_steps": config.sample_steps, "eta": sc.eta, "guidance": sc.guidance}
     s.update({k: v for k, v in overrides.items() if v is not None})
     return s
 
@@ -43,7 +39,7 @@ def generate(
     model: DiffusionModel,
     params: Any,
     schedule: Schedule,
-    config: ml_collections.ConfigDict,
+    config: Config,
     *,
     num: int,
     key: jax.Array,
@@ -106,7 +102,7 @@ def generate_text(
     model: TextDiffusionModel,
     params: Any,
     schedule: Schedule,
-    config: ml_collections.ConfigDict,
+    config: Config,
     *,
     prompts: str | Sequence[str],
     key: jax.Array,
@@ -154,8 +150,9 @@ def _sample_in_batches(model, params, schedule, config, s: dict, key, num: int, 
     the mesh's devices, on every process; a batch that does not divide evenly is padded with extra
     rows (the last image's conditioning, further noise rows) that are dropped afterwards. Noise rows
     do not depend on the padding, so the images are the same for any number of devices."""
-    sample_kwargs = dict(method=s["method"], num_steps=int(s["num_steps"]), prediction=config.diffusion.prediction,
-                         clip_x0=config.sample.get("clip_x0", 1.0) or None)
+    config = parse_config(config)
+    sample_kwargs = dict(method=s["method"], num_steps=int(s["num_steps"]), prediction=model.prediction,
+                         clip_x0=config.sample.clip_x0)
     if s["method"] == "ddim":
         sample_kwargs["eta"] = float(s["eta"])
     if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 1):

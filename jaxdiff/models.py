@@ -19,10 +19,10 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from jaxdiff import xla
+from jaxdiff.diffusion import PREDICTIONS
 from jaxdiff.images import to_uint8
 from jaxdiff.nn.unet import UNet
 from jaxdiff.nn.unet_cond import TextConditionedUNet
@@ -34,12 +34,21 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 @dataclasses.dataclass(eq=False)
 class DiffusionModel:
-    """A denoiser network plus what it needs to be called: image shape and label count."""
+    """A denoiser network plus what it needs to be called: image shape, label count and what it predicts.
+
+    ``prediction`` (``"eps"``, ``"x0"`` or ``"v"``) is the parameterisation, bound here once: the
+    train step's loss target, the samplers' conversion to (x0, eps), bits/dim and export all read it
+    from the model, never from the config."""
 
     module: UNet
     image_shape: tuple[int, int, int]  # what the U-Net sees: pixels, or latents for latent diffusion
     num_classes: int | None = None
     autoencoder: "LatentAutoencoder | None" = None  # latent diffusion: decodes samples to pixels
+    prediction: str = "eps"
+
+    def __post_init__(self):
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"diffusion.prediction must be one of {PREDICTIONS}, got {self.prediction!r}.")
 
     text_conditional = False  # True for :class:`TextDiffusionModel`
 
@@ -381,7 +390,7 @@ class LatentAutoencoder:
     scale_factor: float
     workdir: str  # the VAE run, or the Stable Diffusion folder whose vae/ this is
     step: int
-    config: ml_collections.ConfigDict | None = None
+    config: Any = None  # the VAE run's jaxdiff.config.Config
     shift_factor: float | None = None  # diffusers' shift_factor: latents are (z - shift) * scale
     encode_chunk: int = 256  # images per compiled encoder call
 

@@ -372,13 +372,6 @@ def make_mesh(num_devices: int | None = None, *, data: int = 0, fsdp: int = 1) -
     return Mesh(grid, BATCH_AXES)
 
 
-def mesh_from_config(mc: Any, num_devices: int | None = None) -> Mesh:
-    """The mesh of a config's ``mesh`` section (``data``, ``fsdp``; missing = all on ``data``)."""
-    data = int(mc.get("data", 0)) if mc is not None else 0
-    fsdp = int(mc.get("fsdp", 1)) if mc is not None else 1
-    return make_mesh(num_devices, data=data, fsdp=fsdp)
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

@@ -10,9 +10,10 @@ import os
 from typing import Any
 
 import jax
-import ml_collections
 
+from jaxdiff import config as config_lib
 from jaxdiff import parallel
+from jaxdiff.config import Config
 from jaxdiff.models import DiffusionModel
 from jaxdiff.schedules import Schedule
 from jaxdiff.train.build import build_model, build_schedule, load_pretrained, load_vae, place
@@ -23,7 +24,7 @@ __all__ = ["CheckpointError", "Run", "load_run"]  # CheckpointError: what load_r
 
 @dataclasses.dataclass
 class Run:
-    config: ml_collections.ConfigDict
+    config: Config  # typed (jaxdiff.config), as the run was trained
     model: DiffusionModel
     schedule: Schedule
     params: Any  # EMA params
@@ -55,7 +56,7 @@ def load_run(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | No
                 f"{os.path.abspath(workdir)} is a VAE (autoencoder) run, not a diffusion model. Train a latent "
                 "diffusion model on it and sample from that run: python -m experiments.train "
                 f"--config=experiments/configs/ldm_digits.py --config.vae.workdir={workdir}")
-        config = ml_collections.ConfigDict(meta["config"])
+        config = config_lib.parse(meta["config"])
         if meta.get("pretrained"):
             return _load_pretrained_run(ckpt, meta, config, step, mesh)
         autoencoder = None
@@ -73,7 +74,7 @@ def load_run(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | No
     return Run(config=config, model=model, schedule=build_schedule(config), params=state, step=step)
 
 
-def _load_pretrained_run(ckpt: Checkpointer, meta: dict, config: ml_collections.ConfigDict, step: int,
+def _load_pretrained_run(ckpt: Checkpointer, meta: dict, config: Config, step: int,
                          mesh: jax.sharding.Mesh | None) -> Run:
     folder = meta["pretrained"]["folder"]
     try:

@@ -8,7 +8,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Lowest first. A room of layer k may import rooms of layers < k.
 LAYERS = [
-    {"xla", "schedules", "images", "tokenizers", "parallel"},
+    {"xla", "schedules", "images", "tokenizers", "parallel", "config"},
     {"data", "diffusion", "nn"},
     {"sampling", "interop", "models"},
     {"generation", "text_to_image"},

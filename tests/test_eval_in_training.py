@@ -64,8 +64,8 @@ def tensorboard_scalars(workdir) -> dict:
 
 # ----------------------------------------------------------------------------- settings, no training
 def test_bad_settings_fail_in_one_line_before_anything_is_read(tmp_path):
-    cases = [({"train.eval_every": -1}, "train.eval_every must be an int >= 0"),
-             ({"train.eval_num": 1}, "train.eval_num must be an int >= 2"),
+    cases = [({"train.eval_every": -1}, "train.eval_every must be >= 0"),
+             ({"train.eval_num": 1}, "train.eval_num must be >= 2"),
              ({"train.eval_inception": str(tmp_path / "none.safetensors")}, "train.eval_inception=.*no such file"),
              ({"train.eval_fid_ref": "x.npz"}, "train.eval_fid_ref is set but train.eval_inception is not")]
     for overrides, message in cases:

@@ -8,6 +8,8 @@ import pytest
 from scipy.spatial.distance import pdist
 from sklearn.datasets import load_digits
 
+from experiments.configs import t2i_shapes
+from jaxdiff import config as config_lib
 from jaxdiff.eval import judge as J
 from jaxdiff.eval.digits_sweep import guidance_sweep, svg_plot
 
@@ -53,8 +55,7 @@ def test_judge_rejects_wrong_images_and_labels():
 
 
 def test_sweep_needs_a_conditional_digits_run():
-    run = types.SimpleNamespace(config=types.SimpleNamespace(data={"name": "shapes", "conditional": True}))
-    run.config.data = types.SimpleNamespace(name="shapes", get=lambda k, d=None: True)
+    run = types.SimpleNamespace(config=config_lib.parse(t2i_shapes.get_config()))  # conditional, but shapes
     with pytest.raises(ValueError, match="class-conditional model trained on the embedded digits"):
         guidance_sweep(run, [1.0])
 

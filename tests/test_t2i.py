@@ -13,6 +13,7 @@ import pytest
 
 from _testutil import override
 from experiments.configs import t2i_shapes
+from jaxdiff import config as config_lib
 from jaxdiff import generation, runs
 from jaxdiff.data.captions import TokenizedCaptions
 from jaxdiff.data.latent import LatentDataset
@@ -186,7 +187,7 @@ def test_tiny_run_trains_and_samples_by_prompt(data_dir, tiny_run):
     assert summary["step"] == 4 and np.isfinite(summary["loss"])
     run = runs.load_run(workdir)
     assert run.model.text_conditional and set(run.params) == {"text_encoder", "unet"}
-    assert run.config.text.words == shapes.vocabulary()  # the tokenizer travels with the checkpoint
+    assert list(run.config.text.words) == shapes.vocabulary()  # the tokenizer travels with the checkpoint
 
     prompts = ["a red circle at the top left", "a blue square in the center"] * 2
     key = jax.random.key(7)
@@ -253,7 +254,7 @@ def test_adherence_eval_on_untrained_model_is_near_chance(data_dir, tiny_run):
         np.testing.assert_allclose(r["color_accuracy"], adherence_to_captions(images[[1.0, 5.0].index(g)], prompts)["color_accuracy"])
         assert "held_out" not in r
     # A run trained with data.holdout: the held-out combinations' prompts are also scored apart.
-    run.config.data.holdout = "compositional"
+    run = dataclasses.replace(run, config=config_lib.replace(run.config, data={"holdout": "compositional"}))
     prompts, images, results = evaluate(run, [1.0], templates=1, batch_size=2)
     r = results[1.0]
     held = shapes.is_held_out(shapes.all_labels(), "compositional")

@@ -8,6 +8,7 @@ import ml_collections
 
 def get_config():
     c = ml_collections.ConfigDict()
+    c.task = "diffusion"
     c.seed = 0
     c.num_devices = 0
     c.mesh = ml_collections.ConfigDict()

@@ -7,6 +7,7 @@ import ml_collections
 
 def get_config():
     c = ml_collections.ConfigDict()
+    c.task = "diffusion"  # jaxdiff.config.TASKS: diffusion, latent, text, finetune, vae
     c.seed = 0
     c.num_devices = 0  # 0 = all visible devices
     c.mesh = ml_collections.ConfigDict()

@@ -16,6 +16,7 @@ from experiments.configs import ddpm_digits
 
 def get_config():
     c = ddpm_digits.get_config()
+    c.task = "latent"  # the U-Net works on the latents of the VAE run vae.workdir
     c.data.image_size = 32  # the VAE's resolution (checked against the VAE run)
 
     c.vae = ml_collections.ConfigDict()

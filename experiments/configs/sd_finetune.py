@@ -23,6 +23,7 @@ import ml_collections
 
 def get_config():
     c = ml_collections.ConfigDict()
+    c.task = "finetune"  # a Stable Diffusion folder (model.pretrained)
     c.seed = 0
     c.num_devices = 0  # 0 = all visible devices
     c.mesh = ml_collections.ConfigDict()

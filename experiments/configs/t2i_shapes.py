@@ -23,6 +23,7 @@ from jaxdiff.data import shapes
 
 def get_config():
     c = ldm_digits.get_config()  # seed, diffusion (cosine, v-prediction), train and sample settings
+    c.task = "text"  # text encoder + cross-attention U-Net (on latents while vae.workdir is set)
     c.data.name = "shapes"
     c.data.image_size = 32
     c.data.conditional = True  # batches carry the captions (and attribute ids)

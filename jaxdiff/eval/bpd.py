@@ -28,14 +28,14 @@ from jaxdiff.diffusion import calc_bpd
 
 
 @functools.lru_cache(maxsize=8)
-def _bpd_fn(model, prediction: str):
+def _bpd_fn(model):
     """``(params, schedule, x0 [B,H,W,C], labels [B] or None, key) -> {"total_bpd", "prior_bpd",
     "terms_bpd"}``, jitted once per model."""
     def fn(params, schedule, x0, labels, key):
         def model_fn(x_t, t):
             return model.apply(params, x_t, t, labels)
 
-        out = calc_bpd(model_fn, schedule, x0, key, prediction=prediction)
+        out = calc_bpd(model_fn, schedule, x0, key, prediction=model.prediction)
         return {k: out[k] for k in ("total_bpd", "prior_bpd", "terms_bpd")}
 
     return xla.jit(fn)
@@ -56,8 +56,7 @@ def dataset_bpd(run, *, split: str = "test", batch_size: int = 100, key: Optiona
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
     d = config.data
-    ds = ImageDataset(d.name, split, batch_size=1, image_size=d.get("image_size") or None,
-                      data_dir=data_dir or d.get("data_dir") or None, drop_labels=not model.conditional,
+    ds = ImageDataset(d.name, split, batch_size=1, image_size=d.image_size, data_dir=data_dir or d.data_dir, drop_labels=not model.conditional,
                       cache_in_memory=False)
     key = jax.random.key(0) if key is None else key
     sharding = jax.tree.leaves(run.params)[0].sharding
@@ -65,7 +64,7 @@ def dataset_bpd(run, *, split: str = "test", batch_size: int = 100, key: Optiona
     devices = 1 if mesh is None else parallel.batch_devices(mesh)
     size = -(-batch_size // devices) * devices
     rows = np.arange(size) if mesh is None else parallel.host_rows(size, mesh)  # this process reads only these
-    fn = _bpd_fn(model, config.diffusion.prediction)
+    fn = _bpd_fn(model)
     sums = {"bpd": 0.0, "prior_bpd": 0.0, "decoder_bpd": 0.0}
     n = ds.num_examples
     bar = tqdm(total=n, desc=f"bpd {split}", disable=not (progress and parallel.is_writer()), dynamic_ncols=True)

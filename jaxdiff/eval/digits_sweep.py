@@ -29,13 +29,13 @@ def guidance_sweep(run, guidance_scales: Sequence[float], *, num: int = 500, see
                    batch_size: Optional[int] = 250, log: Optional[Callable[[str], None]] = None,
                    **sampler) -> list[dict]:
     """One row per guidance scale (see the module docstring); ``sampler`` overrides ``config.sample``."""
-    if run.config.data.name != "digits" or not run.config.data.get("conditional", False):
+    if run.config.data.name != "digits" or not run.config.data.conditional:
         raise ValueError("the guidance sweep needs a class-conditional model trained on the embedded digits "
                          f"(this run: data.name={run.config.data.name!r}).")
     if num < 20:
         raise ValueError(f"num must be at least 20 (two samples per class), got {num}.")
     log = log or (lambda line: None)
-    data_dir = run.config.data.get("data_dir") or None
+    data_dir = run.config.data.data_dir
     rows = []
     for g in guidance_scales:
         t0 = time.perf_counter()

@@ -33,7 +33,7 @@ def evaluate(run, guidance_scales, *, templates=2, seed=0, batch_size=189,
         raise ValueError(f"--templates must be in [1, {len(shapes.TEMPLATES)}], got {templates}.")
     labels = np.concatenate([shapes.all_labels()] * templates)
     prompts = [p for t in range(templates) for p in shapes.all_prompts(t)]
-    holdout = run.config.data.get("holdout") or None
+    holdout = run.config.data.holdout
     held = shapes.is_held_out(labels, holdout) if holdout else None
     all_images, results = [], {}
     for g in guidance_scales:

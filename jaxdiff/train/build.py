@@ -23,35 +23,40 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
+from jaxdiff import config as config_lib
+from jaxdiff.config import Config
 from jaxdiff.data import ImageDataset
 from jaxdiff.data.latent import LatentDataset
 from jaxdiff import text_to_image
+from jaxdiff.diffusion import PREDICTIONS
 from jaxdiff.models import (DTYPES, DiffusionModel, LatentAutoencoder, PretrainedTextDiffusionModel,
                             TextDiffusionModel, VAEModel)
 from jaxdiff.nn.discriminator import PatchDiscriminator
 from jaxdiff.nn.text import CLIPTextTransformer
 from jaxdiff.nn.unet import UNet
-from jaxdiff.nn.unet_cond import CROSS_MID, TextConditionedUNet, UNetCondition
+from jaxdiff.nn.unet_cond import TextConditionedUNet, UNetCondition
 from jaxdiff.nn.vae import AutoencoderKL
 from jaxdiff.schedules import Schedule, make_schedule
 from jaxdiff.tokenizers import WordTokenizer
 from jaxdiff.train.checkpoint import CheckpointError, Checkpointer
 
 
-def is_latent(config: ml_collections.ConfigDict) -> bool:
-    """True for a latent diffusion config (``config.vae.workdir`` names a trained VAE run)."""
-    return config.get("task", "diffusion") != "vae" and bool(config.get("vae") and config.vae.get("workdir"))
+def is_latent(config: Config) -> bool:
+    """True for a latent diffusion config trained on a VAE run's latents (``config.vae.workdir``);
+    a fine-tune works on its folder's VAE latents (:func:`is_pretrained`)."""
+    config = config_lib.parse(config)
+    return config.latent and config.task != "finetune"
 
 
-def make_dataset(config: ml_collections.ConfigDict, split: str = "train", *, vae_step: int | None = None,
+def make_dataset(config: Config, split: str = "train", *, vae_step: int | None = None,
                  autoencoder: LatentAutoencoder | None = None):
     """The config's :class:`ImageDataset`; for a latent config the :class:`LatentDataset` of its VAE
     (at ``vae_step``, default ``config.vae.step`` or the VAE run's latest checkpoint); for a
     ``model.pretrained`` config the :class:`LatentDataset` of the folder's VAE (``autoencoder``, the
     model's from :func:`load_pretrained`), cached in memory unless ``data.cache_latents`` is False."""
+    config = config_lib.parse(config)
     images = _image_dataset(config, split)
     if is_pretrained(config):
         if autoencoder is None:
@@ -64,73 +69,62 @@ def make_dataset(config: ml_collections.ConfigDict, split: str = "train", *, vae
             raise ValueError(f"Fine-tuning {config.model.pretrained} needs captioned images: {images.name} has no "
                              "captions (a folder with metadata.jsonl or a .txt beside each image, and "
                              "data.conditional=True).")
-        return LatentDataset(images, autoencoder, sample_posterior=True,
-                             cache=bool(config.data.get("cache_latents", True)))
+        return LatentDataset(images, autoencoder, sample_posterior=True, cache=config.data.cache_latents)
     if not is_latent(config):
         return images
     if vae_step is None:
-        vae_step = config.vae.get("step") or None
+        vae_step = config.vae.step
     autoencoder = load_vae(config.vae.workdir, vae_step)
     if tuple(images.image_shape) != tuple(autoencoder.vae.image_shape):
         raise ValueError(
             f"The data's images are {tuple(images.image_shape)} but the VAE in {autoencoder.workdir} was trained on "
             f"{tuple(autoencoder.vae.image_shape)}: set data.image_size (and the dataset) to the VAE's.")
-    return LatentDataset(images, autoencoder, sample_posterior=config.vae.get("sample_posterior", True))
+    return LatentDataset(images, autoencoder, sample_posterior=config.vae.sample_posterior)
 
 
-def _image_dataset(config: ml_collections.ConfigDict, split: str) -> ImageDataset:
+def _image_dataset(config: Config, split: str) -> ImageDataset:
     d = config.data
-    return ImageDataset(
-        d.name,
-        split,
-        batch_size=config.train.batch_size,
-        image_size=d.get("image_size") or None,
-        seed=config.seed,
-        data_dir=d.get("data_dir") or None,
-        random_flip=d.get("random_flip", False),
-        drop_labels=not d.get("conditional", False),
-        holdout=d.get("holdout") or None,
-    )
+    return ImageDataset(d.name, split, batch_size=config.train.batch_size, image_size=d.image_size, seed=config.seed,
+                        data_dir=d.data_dir, random_flip=d.random_flip, drop_labels=not d.conditional,
+                        holdout=d.holdout)
 
 
-def build_schedule(config: ml_collections.ConfigDict) -> Schedule:
+def build_schedule(config: Config) -> Schedule:
     """The config's noise schedule; for ``model.pretrained`` the folder's own (its scheduler_config.json)."""
+    config = config_lib.parse(config)
     if is_pretrained(config):
         return text_to_image.build_schedule(pretrained_scheduler(config.model.pretrained))
     d = config.diffusion
-    options = dict(d.get("schedule_options", {}) or {})
-    return make_schedule(d.schedule, d.num_timesteps, **options)
+    return make_schedule(d.schedule, d.num_timesteps, **d.schedule_options)
 
 
-def build_model(config: ml_collections.ConfigDict, image_shape, num_classes: int | None,
-                autoencoder: "LatentAutoencoder | None" = None) -> DiffusionModel:
-    m = config.model
-    if m.get("dtype", "float32") not in DTYPES:
+def _dtype(m) -> jnp.dtype:
+    if m.dtype not in DTYPES:
         raise ValueError(f"model.dtype must be one of {list(DTYPES)}, got {m.dtype!r}.")
-    kind = m.get("type", "unet")
-    if kind == "text_unet":
+    return DTYPES[m.dtype]
+
+
+def build_model(config: Config, image_shape, num_classes: int | None,
+                autoencoder: "LatentAutoencoder | None" = None) -> DiffusionModel:
+    """The :class:`DiffusionModel` of a ``diffusion`` / ``latent`` task (a :class:`TextDiffusionModel`
+    for a ``text`` task), its prediction type bound from ``diffusion.prediction``."""
+    config = config_lib.parse(config)
+    m = config.model
+    if config.task == "text":
         if num_classes is not None:
             raise ValueError("A text-conditioned model (model.type='text_unet') takes captions, not class labels: "
                              "use a captioned dataset (data.name='shapes').")
         return build_text_model(config, image_shape, autoencoder)
-    if kind != "unet":
-        raise ValueError(f"model.type must be 'unet' (class-conditional or unconditional) or 'text_unet', got {kind!r}.")
-    module = UNet(
-        ch=m.ch,
-        ch_mult=tuple(m.ch_mult),
-        num_res_blocks=m.num_res_blocks,
-        attn_resolutions=tuple(m.attn_resolutions),
-        dropout=m.dropout,
-        num_classes=num_classes,
-        num_groups=m.get("num_groups", 32),
-        num_heads=m.get("num_heads", 1),
-        dtype=DTYPES[m.get("dtype", "float32")],
-        remat=m.get("remat", False),
-    )
-    return DiffusionModel(module, tuple(int(s) for s in image_shape), num_classes, autoencoder)
+    if config.task not in ("diffusion", "latent"):
+        raise ValueError(f"build_model builds the U-Net of a diffusion, latent or text task, not {config.task!r}.")
+    module = UNet(ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
+                  attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout, num_classes=num_classes,
+                  num_groups=m.num_groups, num_heads=m.num_heads, dtype=_dtype(m), remat=m.remat)
+    return DiffusionModel(module, tuple(int(s) for s in image_shape), num_classes, autoencoder,
+                          prediction=config.diffusion.prediction)
 
 
-def build_text_model(config: ml_collections.ConfigDict, image_shape,
+def build_text_model(config: Config, image_shape,
                      autoencoder: "LatentAutoencoder | None" = None) -> TextDiffusionModel:
     """The :class:`TextDiffusionModel` of a ``model.type = "text_unet"`` config.
 
@@ -141,10 +135,9 @@ def build_text_model(config: ml_collections.ConfigDict, image_shape,
     ``attention_head_dim`` (number of heads), ``transformer_layers_per_block``,
     ``use_linear_projection``, ``norm_num_groups``, ``dropout``, ``dtype``, ``remat``); the
     cross-attention width is ``text.hidden_size``."""
-    if "text" not in config:
-        raise ValueError("model.type='text_unet' needs a config.text section (words, max_length, hidden_size, ...).")
+    config = config_lib.parse(config)
     m, tc = config.model, config.text
-    dtype = DTYPES[m.get("dtype", "float32")]
+    dtype = _dtype(m)
     tokenizer = WordTokenizer(list(tc.words), model_max_length=int(tc.max_length))
     text = CLIPTextTransformer(
         vocab_size=tokenizer.vocab_size, hidden_size=tc.hidden_size, intermediate_size=tc.intermediate_size,
@@ -154,22 +147,23 @@ def build_text_model(config: ml_collections.ConfigDict, image_shape,
     unet = UNetCondition(
         in_channels=c, out_channels=c, block_out_channels=tuple(m.block_out_channels),
         layers_per_block=m.layers_per_block, down_block_types=tuple(m.down_block_types),
-        up_block_types=tuple(m.up_block_types), mid_block_type=m.get("mid_block_type", CROSS_MID) or None,
+        up_block_types=tuple(m.up_block_types), mid_block_type=m.mid_block_type,
         cross_attention_dim=tc.hidden_size, attention_head_dim=m.attention_head_dim,
-        transformer_layers_per_block=m.get("transformer_layers_per_block", 1),
-        use_linear_projection=m.get("use_linear_projection", True), norm_num_groups=m.get("norm_num_groups", 32),
-        dropout=m.get("dropout", 0.0), dtype=dtype, remat=m.get("remat", False))
+        transformer_layers_per_block=m.transformer_layers_per_block,
+        use_linear_projection=m.use_linear_projection, norm_num_groups=m.norm_num_groups,
+        dropout=m.dropout, dtype=dtype, remat=m.remat)
     if text.hidden_size != unet.cross_attention_dim:  # cannot happen from a config; guards direct use
         raise ValueError("text.hidden_size must equal the U-Net's cross_attention_dim.")
     return TextDiffusionModel(TextConditionedUNet(text, unet), tuple(int(s) for s in image_shape), None, autoencoder,
-                              tokenizer=tokenizer, max_length=int(tc.max_length))
+                              prediction=config.diffusion.prediction, tokenizer=tokenizer,
+                              max_length=int(tc.max_length))
 
 
 # ----------------------------------------------------------------------------- pretrained folders
-def is_pretrained(config: ml_collections.ConfigDict) -> bool:
-    """True for a config that fine-tunes a Stable Diffusion folder (it has a ``model.pretrained`` key;
-    an empty one is an error :func:`load_pretrained` reports)."""
-    return "model" in config and "pretrained" in config.model
+def is_pretrained(config: Config) -> bool:
+    """True for a config that fine-tunes a Stable Diffusion folder (task ``finetune``: a
+    ``model.pretrained`` key; an empty one is an error :func:`load_pretrained` reports)."""
+    return config_lib.parse(config).task == "finetune"
 
 
 def _one_line(e: BaseException) -> str:
@@ -186,38 +180,33 @@ def pretrained_scheduler(folder: str) -> "text_to_image.SchedulerConfig":
         raise ValueError(f"model.pretrained={folder}: cannot read its scheduler config ({_one_line(e)}).") from e
 
 
-def _check_pretrained_config(config: ml_collections.ConfigDict) -> str:
+def _check_pretrained_config(config: Config) -> str:
     m = config.model
-    folder = os.path.abspath(os.path.expanduser(str(m.get("pretrained") or "")))
-    given = m.get("pretrained")
+    folder = os.path.abspath(os.path.expanduser(m.pretrained))
+    given = m.pretrained
     if not given:
         raise ValueError("model.pretrained is not set: give --config.model.pretrained=PATH, a Stable Diffusion 1.x "
                          "folder in diffusers layout (unet/ vae/ text_encoder/ tokenizer/ scheduler/).")
     if not os.path.isdir(folder):
         raise ValueError(f"model.pretrained={given}: no such folder; give a Stable Diffusion 1.x folder in diffusers "
                          "layout (unet/ vae/ text_encoder/ tokenizer/ scheduler/).")
-    if m.get("dtype", "float32") not in DTYPES:
-        raise ValueError(f"model.dtype must be one of {list(DTYPES)}, got {m.dtype!r}.")
-    rank = m.get("lora_rank", 0)
-    if not isinstance(rank, int) or rank < 0:
-        raise ValueError(f"model.lora_rank must be an int >= 0 (0 = full fine-tuning), got {rank!r}.")
-    if rank:
-        if not float(m.get("lora_alpha", rank)) > 0:
-            raise ValueError(f"model.lora_alpha must be > 0, got {m.get('lora_alpha')!r}.")
-        if not tuple(m.get("lora_targets", ()) or ()):
+    _dtype(m)
+    if m.lora_rank:
+        if m.lora_alpha is not None and not m.lora_alpha > 0:
+            raise ValueError(f"model.lora_alpha must be > 0, got {m.lora_alpha!r}.")
+        if not m.lora_targets:
             raise ValueError("model.lora_targets is empty: name the layers to adapt as diffusers/peft do, e.g. "
                              "('to_q', 'to_k', 'to_v', 'to_out.0').")
-    if not config.data.get("name"):
+    if not config.data.name:
         raise ValueError("data.name is not set: give --config.data.name=folder:PATH, a folder of images captioned by "
                          "metadata.jsonl or a .txt beside each image.")
-    p = config.diffusion.get("prediction", "")
-    if p and p not in ("eps", "v", "x0"):
+    p = config.diffusion.prediction
+    if p and p not in PREDICTIONS:
         raise ValueError(f"diffusion.prediction must be '' (the folder's), 'eps', 'v' or 'x0', got {p!r}.")
     return folder
 
 
-def load_pretrained(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict,
-                                                                PretrainedTextDiffusionModel]:
+def load_pretrained(config: Config) -> tuple[Config, PretrainedTextDiffusionModel]:
     """Read the Stable Diffusion folder of ``config.model.pretrained`` once: ``(config, model)``.
 
     The returned config is a copy with ``model.pretrained`` made absolute and the folder's facts
@@ -226,42 +215,38 @@ def load_pretrained(config: ml_collections.ConfigDict) -> tuple[ml_collections.C
     :func:`build_schedule` reads the folder's). ``model.dtype`` is the compute dtype of the U-Net and
     text encoder (params stay float32), ``model.remat`` rematerialises the U-Net's blocks; the VAE
     encodes in float32. Raises ``ValueError`` (one line) for a missing or invalid folder or setting."""
+    config = config_lib.parse(config)
     folder = _check_pretrained_config(config)
     m = config.model
-    dtype = DTYPES[m.get("dtype", "float32")]
+    dtype = _dtype(m)
     try:
         sd = text_to_image.load_stable_diffusion(folder, dtype=dtype)
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"model.pretrained={m.pretrained}: {_one_line(e)}") from e
     scheduler = sd.scheduler
-    config = ml_collections.ConfigDict(config.to_dict())  # a copy: the caller's (locked) config is left alone
-    config.model.pretrained = folder
-    if not config.diffusion.get("prediction"):
-        config.diffusion.prediction = scheduler.prediction
-    config.diffusion.num_timesteps = scheduler.num_train_timesteps
-    config.diffusion.schedule = "pretrained"
-
-    size = config.data.get("image_size") or sd.default_size
+    size = config.data.image_size or sd.default_size
     f = sd.vae_scale_factor
     unet_f = 2 ** (len(sd.unet.block_out_channels) - 1)
     if size % (f * unet_f):
         raise ValueError(f"data.image_size={size} must be a multiple of {f * unet_f} for {folder} (VAE factor {f} x "
                          f"U-Net downsampling {unet_f}); its native size is {sd.default_size}.")
-    config.data.image_size = int(size)
+    config = config_lib.replace(
+        config, model={"pretrained": folder}, data={"image_size": int(size)},
+        diffusion={"prediction": config.diffusion.prediction or scheduler.prediction,
+                   "num_timesteps": scheduler.num_train_timesteps, "schedule": "pretrained"})
     params = jax.device_get(sd.params)  # host copies: placed on the mesh by the loop
     vae_params = jax.device_put(params["vae"], jax.local_devices()[0])  # encoding is per process
     vae = VAEModel(sd.vae.clone(dtype=jnp.float32), (size, size, int(sd.vae.in_channels)))
     autoencoder = LatentAutoencoder(vae, vae_params, sd.scaling_factor, folder, 0,
                                     shift_factor=sd.vae.shift_factor,
-                                    encode_chunk=int(config.data.get("encode_batch_size", 8) or 8))
-    targets = tuple(m.get("lora_targets", ()) or ())
-    rank = int(m.get("lora_rank", 0))
+                                    encode_chunk=config.data.encode_batch_size)
+    targets, rank = tuple(m.lora_targets), m.lora_rank
     model = PretrainedTextDiffusionModel(
-        sd.unet.clone(remat=bool(m.get("remat", False))), tuple(int(s) for s in vae.latent_shape), None, autoencoder,
-        text_encoder=sd.text_encoder, tokenizer=sd.tokenizer,
+        sd.unet.clone(remat=m.remat), tuple(int(s) for s in vae.latent_shape), None, autoencoder,
+        prediction=config.diffusion.prediction, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer,
         base={"unet": params["unet"], "text_encoder": params["text_encoder"]}, folder=folder,
-        use_attention_mask=sd.use_attention_mask, train_text_encoder=bool(config.train.get("text_encoder", False)),
-        lora_rank=rank, lora_alpha=float(m.get("lora_alpha", rank) or rank), lora_targets=targets)
+        use_attention_mask=sd.use_attention_mask, train_text_encoder=config.train.text_encoder,
+        lora_rank=rank, lora_alpha=float(m.lora_alpha or rank), lora_targets=targets)
     if rank:
         from jaxdiff.nn import lora
 
@@ -282,20 +267,21 @@ def place(tree, shardings):
     return jax.tree.map(one, tree, shardings)
 
 
-def run_metadata(config: ml_collections.ConfigDict, dataset: ImageDataset, model: DiffusionModel) -> dict:
+def run_metadata(config: Config, dataset: ImageDataset, model: DiffusionModel) -> dict:
     """JSON-able facts stored with every checkpoint (what sampling needs without the config file).
 
     A latent model adds ``vae``: the VAE run's absolute ``workdir``, its checkpoint ``step`` and the
     ``scale_factor`` the latents were multiplied by."""
+    config = config_lib.parse(config)
     meta = {
         "task": "diffusion",
-        "config": json.loads(config.to_json_best_effort()),
+        "config": json.loads(json.dumps(config_lib.to_dict(config))),
         # What fixes the parameter layout (compute dtype, remat and dropout may change on resume).
         "model": json.loads(json.dumps({
             "image_shape": list(model.image_shape),
             "num_classes": model.num_classes,
-            "arch": {k: v for k, v in config.model.to_dict().items() if k not in ("dtype", "remat", "dropout")},
-            **({"text": config.text.to_dict()} if model.text_conditional and "text" in config else {}),
+            "arch": config_lib.model_arch(config_lib.to_dict(config)["model"]),
+            **({"text": config_lib.to_dict(config)["text"]} if config.text is not None else {}),
         })),
         "dataset": {"name": dataset.name, "num_examples": dataset.num_examples,
                     **({"class_names": dataset.class_names} if getattr(dataset, "class_names", None) else {})},
@@ -317,12 +303,12 @@ def run_metadata(config: ml_collections.ConfigDict, dataset: ImageDataset, model
     return meta
 
 
-def build_vae(config: ml_collections.ConfigDict, image_shape) -> VAEModel:
+def build_vae(config: Config, image_shape) -> VAEModel:
     """The :class:`VAEModel` of a VAE config (``config.model``: block_out_channels, layers_per_block,
     latent_channels, norm_num_groups, mid_block_add_attention, dtype, remat)."""
+    config = config_lib.parse(config)
     m = config.model
-    if m.get("dtype", "float32") not in DTYPES:
-        raise ValueError(f"model.dtype must be one of {list(DTYPES)}, got {m.dtype!r}.")
+    dtype = _dtype(m)
     h, w, c = (int(s) for s in image_shape)
     module = AutoencoderKL(
         in_channels=c,
@@ -330,12 +316,12 @@ def build_vae(config: ml_collections.ConfigDict, image_shape) -> VAEModel:
         block_out_channels=tuple(m.block_out_channels),
         layers_per_block=m.layers_per_block,
         latent_channels=m.latent_channels,
-        norm_num_groups=m.get("norm_num_groups", 32),
-        mid_block_add_attention=m.get("mid_block_add_attention", True),
-        use_quant_conv=m.get("use_quant_conv", True),
-        use_post_quant_conv=m.get("use_post_quant_conv", True),
-        dtype=DTYPES[m.get("dtype", "float32")],
-        remat=m.get("remat", False),
+        norm_num_groups=m.norm_num_groups,
+        mid_block_add_attention=m.mid_block_add_attention,
+        use_quant_conv=m.use_quant_conv,
+        use_post_quant_conv=m.use_post_quant_conv,
+        dtype=dtype,
+        remat=m.remat,
     )
     f = module.downsample_factor
     if h % f or w % f:
@@ -344,22 +330,22 @@ def build_vae(config: ml_collections.ConfigDict, image_shape) -> VAEModel:
     return VAEModel(module, (h, w, c))
 
 
-def build_discriminator(config: ml_collections.ConfigDict) -> PatchDiscriminator | None:
+def build_discriminator(config: Config) -> PatchDiscriminator | None:
     """The config's PatchGAN discriminator, or None when ``config.disc.weight`` is 0 (or absent)."""
-    d = config.get("disc")
-    if not d or not float(d.get("weight", 0.0)):
+    d = config_lib.parse(config).disc
+    if d is None or not d.weight:
         return None
-    return PatchDiscriminator(ndf=d.get("ndf", 64), n_layers=d.get("n_layers", 3),
-                              num_groups=d.get("num_groups", 8))
+    return PatchDiscriminator(ndf=d.ndf, n_layers=d.n_layers, num_groups=d.num_groups)
 
 
-def vae_run_metadata(config: ml_collections.ConfigDict, dataset: ImageDataset, vae: VAEModel,
+def vae_run_metadata(config: Config, dataset: ImageDataset, vae: VAEModel,
                      disc: PatchDiscriminator | None) -> dict:
     """JSON-able facts stored with every VAE checkpoint; each checkpoint adds its ``latent`` stats."""
-    arch = {k: v for k, v in config.model.to_dict().items() if k not in ("dtype", "remat")}
+    config = config_lib.parse(config)
+    arch = config_lib.model_arch(config_lib.to_dict(config)["model"])
     return {
         "task": "vae",
-        "config": json.loads(config.to_json_best_effort()),
+        "config": json.loads(json.dumps(config_lib.to_dict(config))),
         "model": json.loads(json.dumps({
             "image_shape": list(vae.image_shape),
             "latent_shape": list(vae.latent_shape),
@@ -407,7 +393,7 @@ def load_vae(workdir: str, step: int | None = None) -> LatentAutoencoder:
                 f"Point --config.vae.workdir at a VAE run, made by\n    {make}")
         if not (meta.get("latent") or {}).get("scale_factor"):
             raise VAENotReadyError(f"The VAE checkpoint {step} in {workdir} has no latent scale factor; re-run\n    {make}")
-        config = ml_collections.ConfigDict(meta["config"])
+        config = config_lib.parse(meta["config"])
         vae = build_vae(config, meta["model"]["image_shape"])
         abstract = jax.eval_shape(vae.init_params, jax.random.key(0))
         # On this process's own first device: encoding and decoding are local computations.

@@ -13,6 +13,7 @@ uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import socket
@@ -21,11 +22,12 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from tqdm import tqdm
 
+from jaxdiff import config as config_lib
 from jaxdiff import generation, models, parallel, xla
+from jaxdiff.config import Config
 from jaxdiff import images as imgs
 from jaxdiff.data.captions import TokenizedCaptions
 from jaxdiff.data.latent import LatentDataset
@@ -57,57 +59,35 @@ def check_workdir(workdir: str) -> str:
     return workdir
 
 
-def _validate_config(config: ml_collections.ConfigDict) -> None:
-    for key in ("seed", "train.num_steps", "train.batch_size", "train.checkpoint_every"):
-        node = config
-        for part in key.split("."):
-            if part not in node:
-                raise ValueError(f"The config lacks the required key '{key}'.")
-            node = node[part]
+def _validate_config(config: Config) -> None:
+    """What :func:`jaxdiff.config.parse` cannot check on its own: files the config names."""
     t = config.train
-    for key in ("num_steps", "batch_size", "checkpoint_every", "log_every"):
-        if int(t.get(key, 1)) < 1:
-            raise ValueError(f"train.{key} must be >= 1, got {t.get(key)}.")
-    every = t.get("eval_every", 0)
-    if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 0:
-        raise ValueError(f"train.eval_every must be an int >= 0 (steps between evaluations; 0 = off), got {every!r}.")
-    num = t.get("eval_num", 100)
-    if every and (isinstance(num, bool) or not isinstance(num, (int, np.integer)) or num < 2):
-        raise ValueError(f"train.eval_num must be an int >= 2 (samples per evaluation), got {num!r}.")
-    for key in ("eval_inception", "eval_fid_ref"):
-        if not isinstance(t.get(key, "") or "", str):
-            raise ValueError(f"train.{key} must be a path string, got {t.get(key)!r}.")
-    inception = t.get("eval_inception", "") or ""
-    if every and inception and not os.path.isfile(os.path.expanduser(inception)):
+    if t.eval_every and t.eval_inception and not os.path.isfile(os.path.expanduser(t.eval_inception)):
         from jaxdiff.interop.inception import CONVERT_HINT
 
-        raise ValueError(f"train.eval_inception={inception}: no such file (the FID Inception weights); {CONVERT_HINT}.")
-    if t.get("eval_fid_ref", "") and not inception:
+        raise ValueError(f"train.eval_inception={t.eval_inception}: no such file (the FID Inception weights); "
+                         f"{CONVERT_HINT}.")
+    if t.eval_fid_ref and not t.eval_inception:
         raise ValueError("train.eval_fid_ref is set but train.eval_inception is not: FID needs the Inception weights.")
 
 
-def eval_settings(config: ml_collections.ConfigDict) -> in_training.EvalSettings:
-    """The ``train.eval_*`` keys of ``config`` (absent keys: evaluation off) as typed settings."""
+def eval_settings(config: Config) -> in_training.EvalSettings:
+    """The ``train.eval_*`` keys of ``config`` as the in-training evaluation's settings."""
+    config = config_lib.parse(config)
     t, d = config.train, config.data
     return in_training.EvalSettings(
-        every=int(t.get("eval_every", 0)),
-        num=int(t.get("eval_num", 100)),
-        seed=int(config.get("sample", {}).get("seed", 0)),
-        inception=os.path.expanduser(t.get("eval_inception", "") or ""),
-        fid_ref=t.get("eval_fid_ref", "") or "",
-        data_name=d.name,
-        data_dir=d.get("data_dir") or None,
-        image_size=d.get("image_size") or None,
-        holdout=d.get("holdout") or None,
-        prompts=tuple(config.get("sample", {}).get("prompts", ()) or ()),
-    )
+        every=t.eval_every, num=t.eval_num, seed=config.sample.seed, inception=os.path.expanduser(t.eval_inception),
+        fid_ref=t.eval_fid_ref, data_name=d.name, data_dir=d.data_dir, image_size=d.image_size, holdout=d.holdout,
+        prompts=tuple(config.sample.prompts))
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | None = None) -> dict:
+def train(config: Config, workdir: str, *, num_devices: int | None = None) -> dict:
     """Train (or resume) the model described by ``config`` in ``workdir``.
 
-    ``config.task``: ``"diffusion"`` (default; a latent diffusion model when ``config.vae.workdir``
-    names a trained VAE run) or ``"vae"`` (a KL autoencoder, see :func:`train_vae`).
+    ``config``: a :class:`jaxdiff.config.Config` or an experiment ``ConfigDict`` (parsed here, once:
+    a wrong key or value is a one-line ``ValueError``). ``config.task``: ``"diffusion"``, ``"latent"``
+    (on a trained VAE run's latents), ``"text"``, ``"finetune"`` (a Stable Diffusion folder) or
+    ``"vae"`` (a KL autoencoder, see :func:`train_vae`).
 
     Devices: the mesh of ``config.mesh`` (``data`` x ``fsdp``; default all devices on ``data``)
     over all devices of all processes (``num_devices``/``config.num_devices``: fewer, on one
@@ -131,30 +111,22 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int |
     workdir, ``ValueError`` for a bad config or batch size, and
     :class:`jaxdiff.train.build.VAENotReadyError` when a latent config's VAE run does not exist.
     """
-    task = config.get("task", "diffusion")
-    if task not in ("diffusion", "vae"):
-        raise ValueError(f"config.task must be 'diffusion' or 'vae', got {task!r}.")
+    config = config_lib.parse(config)
     _validate_config(config)
     parallel.check_initialized()
     workdir = check_workdir(workdir)
-    mesh = parallel.mesh_from_config(config.get("mesh"),
-                                     num_devices if num_devices is not None else config.get("num_devices") or None)
+    mesh = parallel.make_mesh(num_devices if num_devices is not None else config.num_devices,
+                              data=config.mesh.data, fsdp=config.mesh.fsdp)
     parallel.check_batch_size(config.train.batch_size, mesh)
-    if task == "vae":
+    if config.task == "vae":
         return train_vae(config, workdir, mesh)
     return _train_diffusion(config, workdir, mesh)
 
 
-def _make_optimizer(tc: ml_collections.ConfigDict):
-    return make_optimizer(
-        learning_rate=tc.lr,
-        warmup_steps=tc.warmup_steps,
-        decay_steps=tc.num_steps if tc.get("cosine_decay", False) else None,
-        weight_decay=tc.get("weight_decay", 0.0),
-        grad_clip=tc.get("grad_clip", 1.0) or None,
-        b1=tc.get("b1", 0.9),
-        b2=tc.get("b2", 0.999),
-    )
+def _make_optimizer(tc: config_lib.Train):
+    return make_optimizer(learning_rate=tc.lr, warmup_steps=tc.warmup_steps,
+                          decay_steps=tc.num_steps if tc.cosine_decay else None, weight_decay=tc.weight_decay,
+                          grad_clip=tc.grad_clip, b1=tc.b1, b2=tc.b2)
 
 
 def _peek_meta(workdir: str) -> dict | None:
@@ -185,7 +157,7 @@ def _init_or_restore(ckpt: Checkpointer, init_state, state_shardings, meta: dict
             unreadable.append(_set_aside(ckpt, step, e))
             continue
         for key in keys:
-            if saved.get(key) != meta.get(key):
+            if _normalised(saved.get(key), key) != _normalised(meta.get(key), key):
                 what = "model config" if key == "model" else key
                 raise CheckpointError(
                     f"The checkpoint in {ckpt.directory} was written with a different {what} "
@@ -206,6 +178,14 @@ def _init_or_restore(ckpt: Checkpointer, init_state, state_shardings, meta: dict
     return jax.jit(init_state, out_shardings=state_shardings)(*init_args)
 
 
+def _normalised(entry, key: str):
+    """A metadata entry as compared on resume: a model's ``arch`` with its defaults filled in (checkpoints
+    written before typed configs stored only the keys their config file had)."""
+    if key == "model" and isinstance(entry, dict) and "arch" in entry:
+        return {**entry, "arch": config_lib.model_arch(entry["arch"])}
+    return entry
+
+
 def _set_aside(ckpt: Checkpointer, step: int, error: BaseException) -> str:
     path = os.path.join(ckpt.directory, str(step))
     moved = ckpt.set_aside(step)
@@ -217,7 +197,7 @@ def _set_aside(ckpt: Checkpointer, step: int, error: BaseException) -> str:
     return moved
 
 
-def _train_diffusion(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
+def _train_diffusion(config: Config, workdir: str, mesh) -> dict:
     tc = config.train
     vae_step = None
     if build.is_latent(config):
@@ -270,7 +250,7 @@ def _train_diffusion(config: ml_collections.ConfigDict, workdir: str, mesh) -> d
         ema_params=parallel.param_shardings(abstract.ema_params, mesh),
         opt_state=parallel.param_shardings(abstract.opt_state, mesh),
     )
-    ckpt = Checkpointer(workdir, max_to_keep=tc.get("keep_checkpoints", 3))
+    ckpt = Checkpointer(workdir, max_to_keep=tc.keep_checkpoints)
     meta = build.run_metadata(config, dataset, model)
     state = _init_or_restore(ckpt, init_state, state_shardings, meta, keys=("model", "vae", "pretrained"),
                              init_args=init_args)
@@ -279,11 +259,11 @@ def _train_diffusion(config: ml_collections.ConfigDict, workdir: str, mesh) -> d
     _write_config(config, workdir)
 
     step_fn = make_train_step(
-        model.train_apply_fn(p_uncond=config.diffusion.get("p_uncond", 0.0)),
+        model.train_apply_fn(p_uncond=config.diffusion.p_uncond),
         optimizer,
         schedule,
-        prediction=config.diffusion.prediction,
-        min_snr_gamma=config.diffusion.get("min_snr_gamma") or None,
+        prediction=model.prediction,
+        min_snr_gamma=config.diffusion.min_snr_gamma,
         ema_decay=tc.ema_decay,
         seed=config.seed,
     )
@@ -317,7 +297,7 @@ def _train_diffusion(config: ml_collections.ConfigDict, workdir: str, mesh) -> d
                          checkpoint_meta=lambda done, state: {**meta, "step": done}, on_sample=on_sample,
                          on_eval=on_eval)
     state = summary["state"]
-    if int(state.step) >= int(tc.num_steps) and tc.get("num_samples", 0):
+    if int(state.step) >= tc.num_steps and tc.num_samples:
         summary["samples"] = _write_samples(config, model, schedule, sample_params(state), workdir, "samples_final")
     if frozen is not None:
         summary["frozen"] = frozen
@@ -343,7 +323,7 @@ def _write_config(config, workdir):
     if not parallel.is_writer():
         return
     with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
+        json.dump(config_lib.to_dict(config), f, indent=2)
 
 
 def _jit_step(step_fn, state_shardings, mesh, frozen_shardings=None):
@@ -383,7 +363,7 @@ def _host_loop(config, workdir, mesh, dataset, state, step_for, ckpt, *, checkpo
     steps_per_sec = math.nan
     grid_path = None
     preempted = False
-    eval_every = int(tc.get("eval_every", 0)) if on_eval is not None else 0
+    eval_every = tc.eval_every if on_eval is not None else 0
     last_eval: dict = {}
     row: dict = {}  # the scalars of the current step, written as one line
     done = start
@@ -442,7 +422,7 @@ def _host_loop(config, workdir, mesh, dataset, state, step_for, ckpt, *, checkpo
                 row = {}
             if preempted:
                 break
-            if on_sample is not None and tc.get("sample_every", 0) and done % tc.sample_every == 0 and done != num_steps:
+            if on_sample is not None and tc.sample_every and done % tc.sample_every == 0 and done != num_steps:
                 flush()
                 grid_path = on_sample(done, state)
                 t_last, s_last = time.perf_counter(), done
@@ -487,16 +467,17 @@ class VAETraining:
         return self.gan_step if self.gan_step is not None and step >= self.disc_start else self.plain_step
 
 
-def build_vae_training(config: ml_collections.ConfigDict, image_shape, mesh) -> VAETraining:
+def build_vae_training(config: Config, image_shape, mesh) -> VAETraining:
+    config = config_lib.parse(config)
     tc, lc = config.train, config.loss
     vae = build.build_vae(config, image_shape)
     disc = build.build_discriminator(config)
-    dc = config.get("disc") or ml_collections.ConfigDict()
+    dc = config.disc or config_lib.Disc()
     optimizer = _make_optimizer(tc)
     disc_optimizer = None
     if disc is not None:
-        disc_optimizer = make_optimizer(learning_rate=dc.get("lr", tc.lr), b1=dc.get("b1", 0.5), b2=dc.get("b2", 0.9),
-                                        grad_clip=tc.get("grad_clip", 1.0) or None)
+        disc_optimizer = make_optimizer(learning_rate=tc.lr if dc.lr is None else dc.lr, b1=dc.b1, b2=dc.b2,
+                                        grad_clip=tc.grad_clip)
     disc_apply = None if disc is None else (lambda p, x: disc.apply({"params": p}, x))
 
     def init_state():
@@ -507,18 +488,17 @@ def build_vae_training(config: ml_collections.ConfigDict, image_shape, mesh) -> 
         return create_vae_train_state(vae.init_params(k_vae), optimizer, disc_params, disc_optimizer)
 
     state_shardings = parallel.param_shardings(jax.eval_shape(init_state), mesh)
-    common = dict(disc_apply=disc_apply, disc_optimizer=disc_optimizer, recon_loss=lc.get("recon", "l1"),
-                  kl_weight=float(lc.kl_weight), disc_weight=float(dc.get("weight", 0.0)),
-                  disc_start=int(dc.get("start", 0)), adaptive_weight_on=bool(dc.get("adaptive", True)),
+    common = dict(disc_apply=disc_apply, disc_optimizer=disc_optimizer, recon_loss=lc.recon,
+                  kl_weight=lc.kl_weight, disc_weight=dc.weight, disc_start=dc.start, adaptive_weight_on=dc.adaptive,
                   ema_decay=tc.ema_decay, seed=config.seed)
     plain = _jit_step(make_vae_train_step(vae.train_apply, optimizer, gan=False, **common), state_shardings, mesh)
     gan = None
     if disc is not None:
         gan = _jit_step(make_vae_train_step(vae.train_apply, optimizer, gan=True, **common), state_shardings, mesh)
-    return VAETraining(vae, disc, init_state, state_shardings, plain, gan, int(dc.get("start", 0)))
+    return VAETraining(vae, disc, init_state, state_shardings, plain, gan, dc.start)
 
 
-def train_vae(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
+def train_vae(config: Config, workdir: str, mesh) -> dict:
     """Train (or resume) the KL autoencoder of a ``task = "vae"`` config (see
     :mod:`jaxdiff.train.vae_step` for the loss). Call through :func:`train`.
 
@@ -535,7 +515,7 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
     dataset = build.make_dataset(config, split="train")
     t = build_vae_training(config, dataset.image_shape, mesh)
     vae = t.vae
-    ckpt = Checkpointer(workdir, max_to_keep=tc.get("keep_checkpoints", 3))
+    ckpt = Checkpointer(workdir, max_to_keep=tc.keep_checkpoints)
     meta = build.vae_run_metadata(config, dataset, vae, t.disc)
     state = _init_or_restore(ckpt, t.init_state, t.state_shardings, meta)
     _write_config(config, workdir)
@@ -549,7 +529,7 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
     except ValueError:  # the dataset has no test split
         test_images = None
     stats: dict[int, dict] = {}
-    eval_every = int(tc.get("eval_every", 0))
+    eval_every = tc.eval_every
     if eval_every and test_images is None and parallel.is_writer():
         print(f"note: train.eval_every={eval_every} but {config.data.name!r} has no test split for the PSNR. "
               "Evaluation is off.", flush=True)
@@ -594,7 +574,7 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict:
     summary = _host_loop(config, workdir, mesh, dataset, state, step_for, ckpt,
                          checkpoint_meta=checkpoint_meta, on_checkpoint=on_checkpoint, on_eval=on_eval)
     state = summary["state"]
-    if int(state.step) >= int(tc.num_steps) and test_images is not None:
+    if int(state.step) >= tc.num_steps and test_images is not None:
         k = min(len(test_images), 16)
         rec = vae.reconstruct(state.ema_params, test_images[:k])  # every process takes part
         path = os.path.join(workdir, "reconstructions")
@@ -612,7 +592,7 @@ def _write_samples(config, model, schedule, params, workdir, name) -> str:
     if model.text_conditional:  # one column per prompt of sample.prompts
         prompts = generation.cycle_prompts(list(sc.prompts), config.train.num_samples)
         images = generation.generate_text(model, params, schedule, config, prompts=prompts,
-                                         key=jax.random.key(sc.get("seed", 0)))
+                                         key=jax.random.key(sc.seed))
         if parallel.is_writer():
             imgs.save_samples(path, images, ncol=min(len(sc.prompts), len(prompts)), prompts=prompts)
             print(f"Wrote {path}.png and {path}.npz (columns: {', '.join(list(sc.prompts))})", flush=True)
@@ -623,7 +603,7 @@ def _write_samples(config, model, schedule, params, workdir, name) -> str:
         schedule,
         config,
         num=config.train.num_samples,
-        key=jax.random.key(sc.get("seed", 0)),
+        key=jax.random.key(sc.seed),
     )
     if parallel.is_writer():
         imgs.save_samples(path, images, labels)
