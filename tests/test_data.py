@@ -1,6 +1,9 @@
-"""jaxdiff.data: the embedded TFDS digits dataset and the deterministic, resumable batcher."""
+"""jaxdiff.data: the embedded TFDS digits dataset, the deterministic, resumable batcher, the
+per-dataset specs it consults, and the import structure of the package (no cycle)."""
+import ast
 import io
 import os
+import pathlib
 import threading
 
 import numpy as np
@@ -9,8 +12,12 @@ import tensorflow_datasets as tfds
 from PIL import Image
 from sklearn.datasets import load_digits
 
+import jaxdiff.data
 from jaxdiff.data import (DatasetNotPreparedError, ImageDataset, default_data_dir, load_source,
                           real_images)
+from jaxdiff.data import digits, shapes
+from jaxdiff.data.builders import DatasetSpec
+from jaxdiff.data.specs import SPECS, spec_of
 
 
 @pytest.fixture(scope="module")
@@ -233,3 +240,144 @@ def test_bad_arguments(data_dir):
         ds.batch(-1)
     with pytest.raises(ValueError, match="start_step"):
         ds.iterate(start_step=-2)
+
+
+# ------------------------------------------------------------------------------ dataset specs
+def test_specs_registry():
+    assert set(SPECS) == {"digits", "shapes"} and all(spec.name == name for name, spec in SPECS.items())
+    assert SPECS["digits"] is digits.SPEC and SPECS["shapes"] is shapes.SPEC
+    assert spec_of("shapes") is shapes.SPEC and spec_of("shapes:1.0.0") is shapes.SPEC
+    assert spec_of("mnist") is None and spec_of("folder:/some/path") is None
+    assert digits.SPEC.annotations == () and digits.SPEC.allows_random_flip and digits.SPEC.holdout is None
+    assert shapes.SPEC.annotations == ("caption", "shape", "color", "position")
+    assert not shapes.SPEC.allows_random_flip and shapes.SPEC.holdout is not None
+
+
+def test_unknown_dataset_message_unchanged(tmp_path):
+    data_dir = str(tmp_path)
+    with pytest.raises(DatasetNotPreparedError) as info:
+        ImageDataset("no_such_dataset_xyz", "train", batch_size=8, data_dir=data_dir)
+    assert str(info.value) == (
+        f"Dataset 'no_such_dataset_xyz' is not prepared in data dir {data_dir!r} (TFDS knows no such "
+        "dataset and none is stored there).\n"
+        "jaxdiff reads TFDS datasets in array_record format with tfds.data_source (no TensorFlow) "
+        "and never downloads at run time. Prepare it once, on a machine with TensorFlow and "
+        "internet access:\n"
+        f"    tfds build no_such_dataset_xyz --file_format=array_record --data_dir={data_dir}\n"
+        "or in Python:\n"
+        f"    tfds.builder('no_such_dataset_xyz', data_dir={data_dir!r}, "
+        "file_format='array_record').download_and_prepare()\n"
+        f"then copy {os.path.join(data_dir, 'no_such_dataset_xyz')} into this machine's data dir "
+        "(pass data_dir=..., or set JAXDIFF_DATA_DIR).")
+
+
+def test_random_flip_and_holdout_follow_the_spec(tmp_path):
+    data_dir = str(tmp_path)  # both refused before anything is built
+    with pytest.raises(ValueError) as info:
+        ImageDataset("shapes", "train", batch_size=4, data_dir=data_dir, random_flip=True)
+    assert str(info.value) == ("random_flip would mirror shapes left-right away from the positions their "
+                               "captions name; use random_flip=False for 'shapes'.")
+    with pytest.raises(ValueError) as info:
+        ImageDataset("digits", "train", batch_size=4, data_dir=data_dir, holdout="compositional")
+    assert str(info.value) == ("holdout='compositional' needs a dataset with held-out label sets ('shapes'), "
+                               "not 'digits'.")
+    with pytest.raises(ValueError, match="Unknown holdout 'nope'"):
+        ImageDataset("shapes", "train", batch_size=4, data_dir=data_dir, holdout="nope")
+    assert os.listdir(data_dir) == []
+
+
+def _odd_digits(examples, name):
+    if name != "odd":
+        raise ValueError(f"Unknown holdout {name!r}.")
+    return np.array([ex["label"] % 2 == 1 for ex in examples], bool)
+
+
+def test_pipeline_consults_the_registry(data_dir, monkeypatch):
+    """A spec added to SPECS is all the pipeline needs: its builder, annotations, flips, holdouts."""
+    monkeypatch.setitem(SPECS, "even_digits", DatasetSpec(
+        "even_digits", digits.digits_builder, annotations=("index",), random_flip_error="no flips here.",
+        holdout=_odd_digits))
+    with pytest.raises(ValueError, match="^no flips here.$"):
+        ImageDataset("even_digits", "test", batch_size=4, data_dir=data_dir, random_flip=True)
+    with pytest.raises(ValueError, match="Unknown holdout 'nope'"):
+        ImageDataset("even_digits", "test", batch_size=4, data_dir=data_dir, holdout="nope")
+    ds = ImageDataset("even_digits", "test", batch_size=50, seed=0, data_dir=data_dir, holdout="odd")
+    assert ds.num_examples == 150 and ds.annotation_keys == ("index",)  # 30 of each of 5 classes
+    b = ds.batch(0)
+    assert set(b) == {"image", "label", "index"} and (b["label"] % 2 == 0).all()
+    full = ImageDataset("digits", "test", batch_size=50, seed=0, data_dir=data_dir)
+    assert full.annotation_keys == () and full.num_examples == 300
+    with pytest.raises(ValueError, match=r"held-out label sets \('shapes', 'even_digits'\), not 'digits'"):
+        ImageDataset("digits", "test", batch_size=4, data_dir=data_dir, holdout="odd")
+
+
+# --------------------------------------------------------------------------- import structure
+DATA_PACKAGE = pathlib.Path(jaxdiff.data.__file__).parent
+
+
+def _data_imports(source: str, modules: set) -> tuple[set, set]:
+    """The ``jaxdiff.data`` modules (file stems; ``__init__`` for the package) that ``source``
+    imports at module level, and those it imports inside a function."""
+    top, nested = set(), set()
+
+    def targets(node) -> set:
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif node.level == 0:
+            names = [f"{node.module}.{a.name}" for a in node.names]
+        elif node.level == 1:  # relative, inside jaxdiff/data
+            base = "jaxdiff.data" + (f".{node.module}" if node.module else "")
+            names = [f"{base}.{a.name}" for a in node.names]
+        else:
+            names = []
+        found = set()
+        for name in names:
+            if name != "jaxdiff.data" and not name.startswith("jaxdiff.data."):
+                continue
+            parts = name.split(".")[2:]
+            found.add(parts[0] if parts and parts[0] in modules else "__init__")
+        return found
+
+    def visit(node, in_function: bool) -> None:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            (nested if in_function else top).update(targets(node))
+        inside = in_function or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+        for child in ast.iter_child_nodes(node):
+            visit(child, inside)
+
+    visit(ast.parse(source), False)
+    return top, nested
+
+
+def test_import_checker_sees_package_and_function_level_imports():
+    modules = {"__init__", "pipeline", "shapes"}
+    src = ("from jaxdiff.data import shapes as s, ImageDataset\nimport jaxdiff.data.pipeline\n"
+           "def f():\n    from jaxdiff.data.pipeline import load_source\n    from . import shapes\n")
+    assert _data_imports(src, modules) == ({"shapes", "__init__", "pipeline"}, {"pipeline", "shapes"})
+
+
+def test_data_modules_import_each_other_without_a_cycle():
+    files = {p.stem: p for p in DATA_PACKAGE.glob("*.py")}
+    graph, lazy = {}, {}
+    for name, path in files.items():
+        graph[name], nested = _data_imports(path.read_text(), set(files))
+        graph[name].discard(name)
+        if nested:
+            lazy[name] = sorted(nested)
+    assert not lazy, f"function-level jaxdiff.data imports (a dodged cycle? import at the top): {lazy}"
+    assert {"builders"} <= graph["shapes"] and {"specs", "builders"} <= graph["pipeline"]  # parsed for real
+    state = {}
+
+    def visit(node, path):
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                cycle = path[path.index(nxt):] + [nxt]
+                pytest.fail("import cycle in jaxdiff/data: " + " -> ".join(cycle))
+            if nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])

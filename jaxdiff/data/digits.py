@@ -21,15 +21,14 @@ rename discards its copy and uses the winner's.
 from __future__ import annotations
 
 import io
-import os
-import shutil
-import tempfile
 from typing import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
+
+from jaxdiff.data.builders import DatasetSpec, prepare_local_builder  # benchmarks import it from here too
 
 NAME = "digits"
 DIGITS_VERSION = "1.0.0"
@@ -100,39 +99,9 @@ class Digits(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             yield int(i), {"image": _png(images[i]), "label": int(labels[i]), "index": int(i)}
 
 
-def prepare_local_builder(cls, data_dir: str, name: str, version: str):
-    """Returns ``cls(data_dir=..., file_format='array_record')``, building a locally generated TFDS
-    dataset there first if needed. Race-safe: built in a temporary folder, then renamed into place
-    (a concurrent builder that loses the rename keeps the winner's copy)."""
-    builder = cls(data_dir=data_dir, file_format="array_record")
-    if builder.is_prepared():
-        return builder
-    os.makedirs(data_dir, exist_ok=True)
-    tmp_root = tempfile.mkdtemp(prefix=f".jaxdiff_build_{name}_", dir=data_dir)
-    try:
-        tmp_builder = cls(data_dir=tmp_root, file_format="array_record")
-        from tensorflow_datasets.core.utils import tqdm_utils
-
-        shown = getattr(tqdm_utils, "_active", True)
-        tfds.display_progress_bar(False)
-        try:
-            tmp_builder.download_and_prepare(
-                download_dir=os.path.join(tmp_root, "downloads"),
-                download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-        finally:
-            tfds.display_progress_bar(shown)
-        final = os.path.join(data_dir, name, version)
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        try:
-            os.rename(os.path.join(tmp_root, name, version), final)  # atomic; fails if final exists
-        except OSError:
-            if not os.path.exists(os.path.join(final, "dataset_info.json")):
-                raise
-    finally:
-        shutil.rmtree(tmp_root, ignore_errors=True)
-    return cls(data_dir=data_dir, file_format="array_record")
-
-
 def digits_builder(data_dir: str) -> Digits:
     """Returns the digits builder over ``data_dir``, preparing it there first if needed (race-safe)."""
     return prepare_local_builder(Digits, data_dir, NAME, DIGITS_VERSION)
+
+
+SPEC = DatasetSpec(NAME, digits_builder)  # plain image + label batches; flips allowed; no holdouts

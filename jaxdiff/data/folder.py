@@ -10,7 +10,7 @@ Two layouts (as diffusers' training scripts and Hugging Face image folders have 
 
 Each image is decoded once, turned upright by its EXIF orientation, converted to RGB (greyscale is
 replicated, alpha dropped), centre-cropped to a square and resized to ``image_size`` (PIL bicubic,
-as :func:`jaxdiff.data.pipeline.resize_image`), and written as PNG into a TFDS array_record dataset
+as :func:`jaxdiff.data.builders.resize_image`), and written as PNG into a TFDS array_record dataset
 in the data dir (no TensorFlow), ``split="train"``. Files that do not decode are listed by name and
 skipped, with their count, at build time; they can never stop a run mid-epoch.
 
@@ -32,6 +32,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image, ImageOps
+
+from jaxdiff.data.builders import prepare_local_builder, resize_image
 
 PREFIX = "folder:"
 VERSION = "1.0.0"
@@ -123,8 +125,6 @@ def fingerprint(layout: dict, image_size: int) -> str:
 
 def load_image(path: str, image_size: int) -> np.ndarray:
     """One file -> uint8 [image_size, image_size, 3]: EXIF-upright, RGB, centre-cropped, resized."""
-    from jaxdiff.data.pipeline import resize_image
-
     with Image.open(path) as img:
         img = ImageOps.exif_transpose(img)
         img = img.convert("RGB")
@@ -190,8 +190,6 @@ def _builder_class(layout: dict, image_size: int, fp: str):
 def folder_builder(name: str, data_dir: str, image_size: int | None) -> tfds.core.DatasetBuilder:
     """The prepared builder of ``name = "folder:PATH"`` at ``image_size``, built on first use and
     whenever the folder changed (see the module docstring). Prints what it skipped when it builds."""
-    from jaxdiff.data.digits import prepare_local_builder
-
     if not image_size:
         raise FolderError(f"{name}: a folder dataset needs an image size: set --config.data.image_size=N.")
     layout = scan(name[len(PREFIX):])

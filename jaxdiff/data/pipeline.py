@@ -18,9 +18,14 @@ Data dir: argument, else ``$JAXDIFF_DATA_DIR``, else TFDS's default (``$TFDS_DAT
 ``~/tensorflow_datasets``). The embedded ``digits`` and ``shapes`` are built there on first use; any
 other dataset must already be prepared there in ``array_record`` format (nothing is ever downloaded).
 
-Annotations: batches of the datasets in ``ANNOTATIONS`` (``shapes``) also carry the features named
-there: Text features as NumPy ``str`` arrays (captions), ClassLabel features as int32. Other datasets'
-batches hold only ``image`` and ``label``. ``drop_labels`` drops them all.
+Embedded datasets: what the pipeline knows of ``digits`` and ``shapes`` (how to build them, the
+annotations their batches carry, whether ``random_flip`` and ``holdout`` apply) is each one's
+:class:`~jaxdiff.data.builders.DatasetSpec`, looked up by name in :data:`jaxdiff.data.specs.SPECS`.
+
+Annotations: batches of a dataset whose spec names ``annotations`` (``shapes``) also carry those
+features: Text features as NumPy ``str`` arrays (captions), ClassLabel features as int32. Batches of
+a dataset without a spec carry its ``caption`` if it has one (a captioned image folder). Other
+datasets' batches hold only ``image`` and ``label``. ``drop_labels`` drops them all.
 """
 from __future__ import annotations
 
@@ -32,31 +37,21 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
-from PIL import Image
 
-from jaxdiff.data import digits as digits_lib
 from jaxdiff.data import folder as folder_lib
-from jaxdiff.data import shapes as shapes_lib
+from jaxdiff.data.builders import (  # default_data_dir, resize_image: also imported from here
+    as_text, check_split, data_source, default_data_dir, resize_image)
+from jaxdiff.data.specs import SPECS, spec_of
 
 # Datasets whose resized images take fewer bytes than this are cached in memory as they are read.
 CACHE_LIMIT_BYTES = 512 * 2**20
-# Features that batches carry besides 'image' and 'label', by dataset (Text -> str, ClassLabel -> int32).
-ANNOTATIONS = {shapes_lib.NAME: ("caption", "shape", "color", "position")}
+# Features that batches carry besides 'image' and 'label', by dataset (Text -> str, ClassLabel -> int32):
+# the specs' annotations, for reading; the pipeline itself asks the spec.
+ANNOTATIONS = {name: spec.annotations for name, spec in SPECS.items() if spec.annotations}
 
 
 class DatasetNotPreparedError(FileNotFoundError):
     """The dataset is not prepared (in array_record format) in the data dir searched."""
-
-
-def default_data_dir(data_dir: Optional[str] = None) -> str:
-    """``data_dir`` if given, else ``$JAXDIFF_DATA_DIR``, else TFDS's default data dir."""
-    if data_dir:
-        return os.path.expanduser(os.fspath(data_dir))
-    if os.environ.get("JAXDIFF_DATA_DIR"):
-        return os.path.expanduser(os.environ["JAXDIFF_DATA_DIR"])
-    from tensorflow_datasets.core import constants
-
-    return os.path.expanduser(constants.DATA_DIR)  # $TFDS_DATA_DIR or ~/tensorflow_datasets
 
 
 def _not_prepared(name: str, data_dir: str, why: str) -> DatasetNotPreparedError:
@@ -75,9 +70,9 @@ def _not_prepared(name: str, data_dir: str, why: str) -> DatasetNotPreparedError
 
 
 def get_builder(name: str, data_dir: Optional[str] = None, image_size: Optional[int] = None) -> tfds.core.DatasetBuilder:
-    """The prepared TFDS builder for ``name`` in the data dir (``digits``, ``shapes`` are built on first use;
-    ``folder:PATH``, the user's images, is built at ``image_size`` on first use and when the folder
-    changes: :mod:`jaxdiff.data.folder`).
+    """The prepared TFDS builder for ``name`` in the data dir (a dataset in ``SPECS``, ``digits`` or
+    ``shapes``, is built on first use by its spec; ``folder:PATH``, the user's images, is built at
+    ``image_size`` on first use and when the folder changes: :mod:`jaxdiff.data.folder`).
 
     Raises:
       DatasetNotPreparedError: the dataset is unknown, not prepared there, or not in array_record.
@@ -85,10 +80,9 @@ def get_builder(name: str, data_dir: Optional[str] = None, image_size: Optional[
     data_dir = default_data_dir(data_dir)
     if folder_lib.is_folder(name):
         return folder_lib.folder_builder(name, data_dir, image_size)
-    if name.split(":")[0] == digits_lib.NAME:
-        return digits_lib.digits_builder(data_dir)
-    if name.split(":")[0] == shapes_lib.NAME:
-        return shapes_lib.shapes_builder(data_dir)
+    spec = spec_of(name)
+    if spec is not None:
+        return spec.builder(data_dir)
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
@@ -101,59 +95,28 @@ def get_builder(name: str, data_dir: Optional[str] = None, image_size: Optional[
     return builder
 
 
-def _check_split(builder: tfds.core.DatasetBuilder, split: str) -> None:
-    available = list(builder.info.splits.keys())
-    base = split.split("[")[0]
-    if base not in available:
-        raise ValueError(f"Unknown split {split!r} for dataset {builder.name!r}; available: {available}.")
-
-
 def load_source(name: str, split: str, data_dir: Optional[str] = None) -> Sequence[dict]:
     """A random-access ``tfds`` data source (``len``, ``src[i]``, ``src.__getitems__([...])``) of decoded examples.
 
     ``split`` accepts TFDS slicing (``'train[:90%]'``).
     """
-    builder = get_builder(name, data_dir)
-    _check_split(builder, split)
-    return builder.as_data_source(split)
-
-
-def resize_image(image: np.ndarray, size: Optional[int]) -> np.ndarray:
-    """``image: [H, W, C] uint8`` -> ``[size, size, C] uint8``: centre-crop to square, PIL bicubic resize."""
-    if image.ndim == 2:
-        image = image[..., None]
-    if size is None:
-        return image
-    h, w = image.shape[:2]
-    if h != w:
-        s = min(h, w)
-        top, left = (h - s) // 2, (w - s) // 2
-        image = image[top:top + s, left:left + s]
-    if image.shape[0] == size:
-        return image
-    # Per-channel "L" images: identical to PIL's multi-band resize, and works for any C.
-    return np.stack([np.asarray(Image.fromarray(image[..., c]).resize((size, size), Image.BICUBIC))
-                     for c in range(image.shape[-1])], axis=-1)
-
-
-def _text(value) -> str:
-    value = value.item() if isinstance(value, np.ndarray) else value
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+    return data_source(get_builder(name, data_dir), split)
 
 
 class ImageDataset:
     """Deterministic, resumable batches of images (and labels) from a TFDS array_record dataset.
 
-    ``holdout`` (``shapes`` only): the name of a set of (shape, colour, position) combinations to
-    leave out (:func:`jaxdiff.data.shapes.holdout_labels`); the dataset is then the split's other
-    examples, and every index below (``indices``, ``examples``, ``annotations``) counts those.
+    ``holdout`` (datasets whose spec has one: ``shapes``): the name of a set of examples to leave
+    out, e.g. (shape, colour, position) combinations (:func:`jaxdiff.data.shapes.holdout_labels`);
+    the dataset is then the split's other examples, and every index below (``indices``,
+    ``examples``, ``annotations``) counts those.
 
     Attributes:
       num_examples: N, examples in the split (without the held-out ones).
       num_classes: classes of the ``label`` feature; None if there is none or ``drop_labels``.
       class_names: their names (label id order; a class folder's sorted folder names), or None.
       annotation_keys: the other features a batch carries (Text as ``str``, ClassLabel as int32):
-        ``ANNOTATIONS[name]``, e.g. ``('caption', 'shape', 'color', 'position')`` for ``shapes``;
+        the spec's ``annotations``, e.g. ``('caption', 'shape', 'color', 'position')`` for ``shapes``;
         () for other datasets or if ``drop_labels``.
       image_shape: ``(H, W, C)`` of the images in a batch (after resizing).
     """
@@ -168,20 +131,21 @@ class ImageDataset:
             raise ValueError(f"image_size must be a positive int or None, got {image_size!r}.")
         if not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}.")
-        if random_flip and name.split(":")[0] == shapes_lib.NAME:
-            raise ValueError("random_flip would mirror shapes left-right away from the positions "
-                             "their captions name; use random_flip=False for 'shapes'.")
+        spec = self._spec = spec_of(name)
+        if random_flip and spec is not None and not spec.allows_random_flip:
+            raise ValueError(spec.random_flip_error)
         if holdout:  # checked before anything is read or built
-            if name.split(":")[0] != shapes_lib.NAME:
-                raise ValueError(f"holdout={holdout!r} needs a dataset with (shape, color, position) labels "
-                                 f"('shapes'), not {name!r}.")
-            shapes_lib.holdout_labels(holdout)  # raises for an unknown name
+            if spec is None or spec.holdout is None:
+                having = ", ".join(repr(n) for n, s in SPECS.items() if s.holdout is not None)
+                raise ValueError(f"holdout={holdout!r} needs a dataset with held-out label sets ({having}), "
+                                 f"not {name!r}.")
+            spec.holdout((), holdout)  # raises for an unknown name
         self.name, self.split = name, split
         self.batch_size, self.image_size, self.seed = int(batch_size), image_size, int(seed)
         self.random_flip = random_flip
         self.data_dir = default_data_dir(data_dir)
         builder = get_builder(name, self.data_dir, image_size)
-        _check_split(builder, split)
+        check_split(builder, split)
         features = builder.info.features
         if "image" not in features:
             raise ValueError(f"Dataset {name!r} has no 'image' feature (has {list(features)}).")
@@ -197,7 +161,7 @@ class ImageDataset:
         self.num_classes = getattr(label, "num_classes", None) if self._has_label else None
         self.class_names = list(label.names) if self._has_label and hasattr(label, "names") else None
         captioned = ("caption",) if "caption" in features else ()  # e.g. a captioned image folder
-        self.annotation_keys = () if drop_labels else ANNOTATIONS.get(name.split(":")[0], captioned)
+        self.annotation_keys = () if drop_labels else captioned if spec is None else spec.annotations
         self._is_text = {k: isinstance(features[k], tfds.features.Text) for k in self.annotation_keys}
 
         shape = features["image"].shape
@@ -225,8 +189,7 @@ class ImageDataset:
     def _kept(self, split_size: int, holdout: str) -> np.ndarray:
         """Split indices of the examples ``holdout`` keeps (int64, ascending)."""
         ex = self._source.__getitems__(list(range(split_size)))
-        labels = np.asarray([[e["shape"], e["color"], e["position"]] for e in ex], np.int64)
-        return np.flatnonzero(~shapes_lib.is_held_out(labels, holdout))
+        return np.flatnonzero(~self._spec.holdout(ex, holdout))
 
     # -- reading -------------------------------------------------------------------------------
     def _read(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
@@ -238,7 +201,7 @@ class ImageDataset:
         except ValueError:
             raise ValueError(f"Images of {self.name!r} have different shapes; pass image_size=.") from None
         labels = np.asarray([ex["label"] if self._has_label else -1 for ex in examples], np.int32)
-        annotations = {k: (np.array([_text(ex[k]) for ex in examples], object) if self._is_text[k]
+        annotations = {k: (np.array([as_text(ex[k]) for ex in examples], object) if self._is_text[k]
                            else np.asarray([ex[k] for ex in examples], np.int32))
                        for k in self.annotation_keys}
         return images, labels, annotations

@@ -46,6 +46,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from jaxdiff.data.builders import DatasetSpec, as_text, data_source, default_data_dir, prepare_local_builder
+
 NAME = "shapes"
 SHAPES_VERSION = "1.0.0"
 IMAGE_SIZE = 32
@@ -117,6 +119,14 @@ def is_held_out(labels: np.ndarray, name: str) -> np.ndarray:
     labels = np.asarray(labels)
     held = holdout_labels(name)
     return (labels[:, None, :] == held[None, :, :]).all(-1).any(-1)
+
+
+def held_out_examples(examples, name: str) -> np.ndarray:
+    """bool [N]: which of a split's decoded examples (dicts with ``shape``, ``color``, ``position``)
+    ``name`` holds out; raises ValueError for an unknown name, even with no examples
+    (``SPEC.holdout``, used by ``ImageDataset(..., holdout=name)``)."""
+    labels = np.asarray([[e["shape"], e["color"], e["position"]] for e in examples], np.int64)
+    return is_held_out(labels.reshape(-1, 3), name)
 
 
 def all_prompts(template_index: int = 0) -> list[str]:
@@ -284,8 +294,6 @@ class Shapes(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 def shapes_builder(data_dir: str) -> Shapes:
     """Returns the shapes builder over ``data_dir``, preparing it there first if needed (race-safe)."""
-    from jaxdiff.data.digits import prepare_local_builder
-
     return prepare_local_builder(Shapes, data_dir, NAME, SHAPES_VERSION)
 
 
@@ -296,16 +304,20 @@ def load_split(split: str, data_dir: Optional[str] = None) -> dict[str, np.ndarr
       ``{'image': uint8 [N, 32, 32, 3], 'caption': str [N], 'shape', 'color', 'position': int32 [N],
       'index': int64 [N]}``; equal to ``generate(*SPLITS[split])`` field by field.
     """
-    from jaxdiff.data.pipeline import _text, load_source  # lazily: the pipeline imports this module
-
-    source = load_source(NAME, split, data_dir)
+    source = data_source(shapes_builder(default_data_dir(data_dir)), split)
     examples = source.__getitems__(list(range(len(source))))
     index = np.array([ex["index"] for ex in examples], np.int64)
     order = np.argsort(index)
     out = {"image": np.stack([np.asarray(ex["image"]) for ex in examples]),
-           "caption": np.array([_text(ex["caption"]) for ex in examples], dtype=str)}
+           "caption": np.array([as_text(ex["caption"]) for ex in examples], dtype=str)}
     for key in ("shape", "color", "position"):
         out[key] = np.array([ex[key] for ex in examples], np.int32)
     out["index"] = index
     return {k: v[order] for k, v in out.items()}
 
+
+SPEC = DatasetSpec(
+    NAME, shapes_builder, annotations=("caption", "shape", "color", "position"),
+    random_flip_error="random_flip would mirror shapes left-right away from the positions "
+                      "their captions name; use random_flip=False for 'shapes'.",
+    holdout=held_out_examples)
