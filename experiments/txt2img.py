@@ -49,7 +49,7 @@ def run_txt2img(model: Union[str, Any], prompt: Union[str, Sequence[str]], *, nu
 
     ``model`` is a folder or an already loaded :class:`jaxdiff.text_to_image.StableDiffusion`.
     ``prompt``: one string, or several that the images cycle through. The images are
-    :func:`jaxdiff.text_to_image.generate_images` with ``key(seed)`` (batch ``i``: ``fold_in(key, i)``).
+    :func:`jaxdiff.generation.generate_sd` with ``key(seed)`` (batch ``i``: ``fold_in(key, i)``).
     Returns ``(images uint8 [num, H, W, 3], prompts list[str])``; raises FileNotFoundError /
     ValueError for a bad folder or settings.
     """
@@ -57,6 +57,7 @@ def run_txt2img(model: Union[str, Any], prompt: Union[str, Sequence[str]], *, nu
     import jax.numpy as jnp
     import numpy as np
 
+    from jaxdiff import generation
     from jaxdiff import text_to_image as t2i
 
     if not isinstance(prompt, str) and not list(prompt):
@@ -70,9 +71,9 @@ def run_txt2img(model: Union[str, Any], prompt: Union[str, Sequence[str]], *, nu
         sd = t2i.load_stable_diffusion(model, dtype={"bfloat16": jnp.bfloat16}.get(dtype or "float32"))
     t_load = time.perf_counter() - t0
     t1 = time.perf_counter()
-    images, per_image = t2i.generate_images(sd, prompt, num=num, key=jax.random.key(seed), batch_size=batch_size,
-                                            num_steps=steps, guidance_scale=guidance, method=sampler, height=height,
-                                            width=width, negative_prompt=negative_prompt)
+    images, per_image = generation.generate_sd(sd, prompt, num=num, key=jax.random.key(seed), batch_size=batch_size,
+                                               num_steps=steps, guidance_scale=guidance, method=sampler,
+                                               height=height, width=width, negative_prompt=negative_prompt)
     t_gen = time.perf_counter() - t1
     if out is not None:
         from PIL import Image

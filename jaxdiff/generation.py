@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import parallel, sampling
+from jaxdiff import parallel, sampling, text_to_image
 from jaxdiff.config import Config, parse as parse_config
 from jaxdiff.images import to_uint8
 from jaxdiff.models import DiffusionModel, TextDiffusionModel
@@ -155,27 +155,65 @@ def _sample_in_batches(model, params, schedule, config, s: dict, key, num: int, 
                          clip_x0=config.sample.clip_x0)
     if s["method"] == "ddim":
         sample_kwargs["eta"] = float(s["eta"])
-    if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive int (images per compiled sampler call) or None, got {batch_size!r}.")
-    batch_size = batch_size or num
     mesh = _mesh_of(params)
-    devices = 1 if mesh is None else parallel.batch_devices(mesh)
-    out = []
-    for i, lo in enumerate(range(0, num, batch_size)):
-        n = min(batch_size, num - lo)
-        m = -(-n // devices) * devices  # padded to a multiple of the batch devices
-        k_noise, k_sample = jax.random.split(jax.random.fold_in(key, i))
-        shape = (m, *model.image_shape)
+
+    def run_batch(batch_key, idx, n):
+        k_noise, k_sample = jax.random.split(batch_key)
+        shape = (len(idx), *model.image_shape)
         if mesh is None:
             x_T = jax.random.normal(k_noise, shape, jnp.float32)
         else:
             x_T = _sharded_normal(shape, parallel.data_sharding(mesh))(k_noise)
-        fn, extra = batch_args(np.minimum(np.arange(lo, lo + m), lo + n - 1))
+        fn, extra = batch_args(idx)
         x0 = sampling.sample(fn, schedule, x_T, key=k_sample, extra_args=extra, **sample_kwargs)
         if model.autoencoder is not None:  # latents -> pixels, on each process's own device
             x0 = model.autoencoder.decode(parallel.to_host(x0)[:n] if mesh is not None else x0)
-        out.append(parallel.to_host(to_uint8(x0))[:n])
+        return parallel.to_host(to_uint8(x0))
+
+    return in_batches(num, batch_size, key, run_batch, multiple=1 if mesh is None else parallel.batch_devices(mesh))
+
+
+def in_batches(num: int, batch_size: int | None, key: jax.Array, run_batch, *, multiple: int = 1,
+               fixed_shape: bool = False) -> np.ndarray:
+    """The one batch loop of every generation path: ``num`` images in batches of ``batch_size`` (None:
+    one batch). Batch ``i`` covers images ``lo .. lo + n`` and runs
+    ``run_batch(fold_in(key, i), idx, n) -> uint8 [len(idx), ...]``; ``idx`` are the image indices
+    padded with the batch's last index up to a multiple of ``multiple`` (the mesh's batch devices) or,
+    with ``fixed_shape``, to ``batch_size`` (one compiled shape for every batch); the padding rows are
+    dropped. Returns uint8 ``[num, ...]``."""
+    if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive int (images per compiled sampler call) or None, got {batch_size!r}.")
+    batch_size = min(batch_size or num, num)
+    out = []
+    for i, lo in enumerate(range(0, num, batch_size)):
+        n = min(batch_size, num - lo)
+        m = batch_size if fixed_shape else n
+        m = -(-m // multiple) * multiple
+        idx = np.minimum(np.arange(lo, lo + m), lo + n - 1)
+        out.append(np.asarray(run_batch(jax.random.fold_in(key, i), idx, n))[:n])
     return np.concatenate(out)
+
+
+def generate_sd(sd: "text_to_image.StableDiffusion", prompts: str | Sequence[str], *, num: int, key: jax.Array,
+                batch_size: int | None = None, **kwargs) -> tuple[np.ndarray, list[str]]:
+    """``num`` images of a Stable Diffusion folder cycling through ``prompts``, in batches:
+    ``(uint8 [num, H, W, 3], the prompt of each image)``. Batch ``i`` runs
+    :func:`jaxdiff.text_to_image.text_to_image` with ``key = fold_in(key, i)`` (:func:`in_batches`);
+    the last batch is padded with its last prompt (one compiled shape for every batch) and the padding
+    dropped. ``kwargs`` go to ``text_to_image`` (``num_steps``, ``guidance_scale``, ``method``,
+    ``negative_prompt``, ``height``, ``width``). Pixels are rounded as diffusers' ``numpy_to_pil``."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("Give at least one prompt.")
+    if not isinstance(num, (int, np.integer)) or num < 1:
+        raise ValueError(f"num must be an int >= 1, got {num!r}.")
+    per_image = cycle_prompts(prompts, num)
+
+    def run_batch(batch_key, idx, n):
+        x = text_to_image.text_to_image(sd, [per_image[j] for j in idx], key=batch_key, **kwargs)
+        return to_uint8(x, value_range=(0, 1))
+
+    return in_batches(num, batch_size, key, run_batch, fixed_shape=True), per_image
 
 
 def _mesh_of(params) -> jax.sharding.Mesh | None:

@@ -17,8 +17,10 @@ them to any diffusers scheduler (beta schedule, prediction type, ``timestep_spac
 has it, else the sampler's diffusers default, ``steps_offset``, ``set_alpha_to_one`` for DDIM,
 ``clip_sample``/``thresholding``, ``use_karras_sigmas``, ``rescale_betas_zero_snr``). Known
 differences from diffusers: DDIM with ``"linspace"`` spacing steps to the next grid timestep
-(diffusers steps to ``t - T // N``); PNDM/PLMS (SD 1.x's default scheduler) is not provided: use
-``"ddim"`` or ``"dpmpp_2m"``.
+(diffusers steps to ``t - T // N``); PNDM is its PLMS form (``skip_prk_steps``, SD 1.x's setting):
+a folder whose PNDMScheduler asks for the Runge-Kutta warm-up names no default sampler (pass ``method``).
+
+Many images in batches (one compiled shape, keys ``fold_in(key, i)``): :func:`jaxdiff.generation.generate_sd`.
 
 Compilation: text encoding, the sampling loop (one ``lax.scan``) and VAE decoding are ONE
 ``jax.jit`` whose arguments are the params (never baked in as constants), token ids, noise, the
@@ -39,7 +41,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import sampling, xla
-from jaxdiff.images import to_uint8
 from jaxdiff.interop.clip import load_transformers_clip_text
 from jaxdiff.interop.unet2d_cond import load_unet2d_condition
 from jaxdiff.interop.vae import load_diffusers_vae
@@ -440,28 +441,3 @@ def text_to_image(sd: StableDiffusion, prompts: Union[str, Sequence[str]], *, ke
                  clip_skip=int(clip_skip), final_alpha=final_alpha)
     return _generate(sd.params, jnp.asarray(ids), jnp.asarray(mask), latents, jnp.float32(guidance_scale),
                      k_sample, spec=spec)
-
-
-def generate_images(sd: StableDiffusion, prompts: Union[str, Sequence[str]], *, num: int, key: jax.Array,
-                    batch_size: Optional[int] = None, **kwargs) -> tuple[np.ndarray, list[str]]:
-    """``num`` images cycling through ``prompts``, in batches: ``(uint8 [num, H, W, 3], the prompt of
-    each image)``. Batch ``i`` runs :func:`text_to_image` with ``key = fold_in(key, i)``; the last batch
-    is padded with its last prompt (one compiled shape for every batch) and the padding dropped.
-    ``kwargs`` go to :func:`text_to_image` (``num_steps``, ``guidance_scale``, ``method``,
-    ``negative_prompt``, ``height``, ``width``). Pixels are rounded as diffusers' ``numpy_to_pil``."""
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if not prompts:
-        raise ValueError("Give at least one prompt.")
-    if not isinstance(num, (int, np.integer)) or num < 1:
-        raise ValueError(f"num must be an int >= 1, got {num!r}.")
-    if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}.")
-    per_image = [prompts[i % len(prompts)] for i in range(num)]
-    batch_size = min(batch_size or num, num)
-    chunks = []
-    for i, lo in enumerate(range(0, num, batch_size)):
-        batch = per_image[lo:lo + batch_size]
-        batch = batch + [batch[-1]] * (batch_size - len(batch))
-        x = text_to_image(sd, batch, key=jax.random.fold_in(key, i), **kwargs)
-        chunks.append(np.asarray(to_uint8(x, value_range=(0, 1)))[:min(batch_size, num - lo)])
-    return np.concatenate(chunks), per_image

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 
+from jaxdiff import generation
 from jaxdiff import text_to_image as t2i
 from jaxdiff.tokenizers import bytes_to_unicode
 
@@ -224,13 +225,13 @@ def test_bad_arguments(sd):
         t2i.text_to_image(sd, PROMPTS, key=jax.random.key(0), negative_prompt=["x"])
 
 
-def test_generate_images_batches(sd):
-    """The batch loop of experiments.txt2img (text_to_image.generate_images): batch i is text_to_image with
+def test_generate_sd_batches(sd):
+    """The batch loop of experiments.txt2img (generation.generate_sd): batch i is text_to_image with
     fold_in(key, i), the last batch padded with its last prompt and the padding dropped, prompts cycled,
     pixels rounded as diffusers' numpy_to_pil."""
     key = jax.random.key(3)
-    images, prompts = t2i.generate_images(sd, PROMPTS, num=3, key=key, batch_size=2, num_steps=STEPS,
-                                          guidance_scale=GUIDANCE, method="ddim")
+    images, prompts = generation.generate_sd(sd, PROMPTS, num=3, key=key, batch_size=2, num_steps=STEPS,
+                                             guidance_scale=GUIDANCE, method="ddim")
     assert images.shape == (3, SIZE, SIZE, 3) and images.dtype == np.uint8 and prompts == PROMPTS + PROMPTS[:1]
     kw = dict(num_steps=STEPS, guidance_scale=GUIDANCE, method="ddim")
     first = np.asarray(t2i.text_to_image(sd, PROMPTS, key=jax.random.fold_in(key, 0), **kw))
@@ -238,14 +239,14 @@ def test_generate_images_batches(sd):
     want = (np.concatenate([first, last[:1]]) * 255).round().astype(np.uint8)  # diffusers' numpy_to_pil
     np.testing.assert_array_equal(images, want)
     with pytest.raises(ValueError, match="at least one prompt"):
-        t2i.generate_images(sd, [], num=1, key=key)
+        generation.generate_sd(sd, [], num=1, key=key)
     with pytest.raises(ValueError, match="batch_size"):
-        t2i.generate_images(sd, PROMPTS, num=1, key=key, batch_size=0)
+        generation.generate_sd(sd, PROMPTS, num=1, key=key, batch_size=0)
 
 
 @pytest.mark.slow
 def test_txt2img_cli(sd, sd_folder, tmp_path):
-    """python -m experiments.txt2img writes OUT.png and OUT.npz holding generate_images' images."""
+    """python -m experiments.txt2img writes OUT.png and OUT.npz holding generate_sd's images."""
     import subprocess
     import sys
 
@@ -256,8 +257,8 @@ def test_txt2img_cli(sd, sd_folder, tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     saved = np.load(out + ".npz")
-    want, _ = t2i.generate_images(sd, PROMPTS[0], num=2, key=jax.random.key(5), num_steps=STEPS,
-                                  guidance_scale=GUIDANCE, method="ddim")
+    want, _ = generation.generate_sd(sd, PROMPTS[0], num=2, key=jax.random.key(5), num_steps=STEPS,
+                                     guidance_scale=GUIDANCE, method="ddim")
     np.testing.assert_array_equal(saved["images"], want)
     assert list(saved["prompts"]) == [PROMPTS[0]] * 2 and int(saved["seed"]) == 5
     assert os.path.getsize(out + ".png") > 0 and "Wrote" in r.stdout
