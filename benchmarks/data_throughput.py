@@ -112,7 +112,7 @@ class BenchJpeg256(_Generated, skip_registration=True):
 
 def prepare(cls, data_dir: str) -> str:
     """Builds ``cls`` into ``data_dir`` if it is not there yet; returns its TFDS name."""
-    from jaxdiff.data.digits import prepare_local_builder
+    from jaxdiff.data.builders import prepare_local_builder
 
     return prepare_local_builder(cls, data_dir, cls.name, str(cls.VERSION)).name
 
@@ -137,7 +137,7 @@ class _Prep:  # a grain MapTransform (built lazily: grain is optional)
         self.size = size
 
     def map(self, ex):
-        from jaxdiff.data.pipeline import resize_image
+        from jaxdiff.data.builders import resize_image
         return {"image": resize_image(np.asarray(ex["image"]), self.size), "label": np.int32(ex["label"])}
 
 
