@@ -362,11 +362,17 @@ def infer_task(raw: Mapping) -> str:
 _SECTIONS = {"mesh": Mesh, "data": Data, "train": Train, "sample": Sample, "diffusion": Diffusion,
              "text": Text, "vae": VAERef, "loss": Loss, "disc": Disc}
 _MODELS = {"diffusion": UNet, "latent": UNet, "finetune": Pretrained, "vae": VAEArch}
+# Keys that earlier versions wrote into the configs they stored with their checkpoints, and what
+# replaced them. A stored config (parse(..., stored=True)) drops them; a config being written now
+# gets a one-line error naming the replacement.
+RETIRED = {("train", "fsdp"): "mesh.fsdp (the number of devices that split params and optimizer state)"}
 
 
-def parse(raw) -> Config:
+def parse(raw, *, stored: bool = False) -> Config:
     """A config (``ConfigDict``, nested dict or :class:`Config`) -> a validated :class:`Config`.
 
+    ``stored``: ``raw`` was read from a checkpoint written by an earlier version (``runs.load_run``,
+    ``build.load_vae``): keys those versions wrote and that are now ``RETIRED`` are dropped.
     Raises :class:`ConfigError` (one line) for an unknown key, a missing required key, a value of
     the wrong type or range, or a task its sections do not fit."""
     if isinstance(raw, Config):
@@ -374,6 +380,11 @@ def parse(raw) -> Config:
     raw = _plain(raw)
     if not isinstance(raw, Mapping):
         raise ConfigError(f"A config must be a ConfigDict or a dict of sections, got {type(raw).__name__}.")
+    for (section, key), instead in RETIRED.items():
+        if isinstance(raw.get(section), Mapping) and key in raw[section]:
+            if not stored:
+                raise ConfigError(f"config.{section}.{key} is retired; use {instead}.")
+            raw = {**raw, section: {k: v for k, v in raw[section].items() if k != key}}
     top = {f.name for f in dataclasses.fields(Config)}
     unknown = sorted(set(raw) - top)
     if unknown:

@@ -56,7 +56,7 @@ def load_run(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | No
                 f"{os.path.abspath(workdir)} is a VAE (autoencoder) run, not a diffusion model. Train a latent "
                 "diffusion model on it and sample from that run: python -m experiments.train "
                 f"--config=experiments/configs/ldm_digits.py --config.vae.workdir={workdir}")
-        config = config_lib.parse(meta["config"])
+        config = config_lib.parse(meta["config"], stored=True)
         if meta.get("pretrained"):
             return _load_pretrained_run(ckpt, meta, config, step, mesh)
         autoencoder = None

@@ -140,6 +140,18 @@ def test_model_arch_fills_defaults_so_old_checkpoints_compare_equal():
     assert C.model_arch(vae)["latent_channels"] == 4 and "remat" not in C.model_arch(vae)
 
 
+def test_configs_stored_by_earlier_versions_still_parse():
+    """Runs trained before the mesh section stored train.fsdp (a bool): reading them drops it; a config
+    written now that sets it is told what replaced it."""
+    raw = ddpm_digits.get_config().to_dict()
+    del raw["task"], raw["mesh"]
+    raw["train"]["fsdp"] = False
+    stored = C.parse(raw, stored=True)
+    assert stored.task == "diffusion" and stored.mesh == C.Mesh() and stored.train.num_steps == 1000
+    assert _error(raw) == ("config.train.fsdp is retired; use mesh.fsdp (the number of devices that split params "
+                           "and optimizer state).")
+
+
 def test_replace_and_frozen():
     cfg = C.parse(ddpm_digits.get_config())
     other = C.replace(cfg, sample={"guidance": 3.0}, seed=7)

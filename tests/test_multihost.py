@@ -118,7 +118,7 @@ def state_of(workdir, step=None):
     ck = Checkpointer(str(workdir), read_only=True)
     try:
         meta = ck.restore_meta(step)
-        config = config_lib.parse(meta["config"])
+        config = config_lib.parse(meta["config"], stored=True)
         model = build.build_model(config, meta["model"]["image_shape"], meta["model"]["num_classes"])
         abstract = jax.eval_shape(lambda: create_train_state(model.init_params(jax.random.key(0)),
                                                              loop._make_optimizer(config.train)))

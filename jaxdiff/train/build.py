@@ -393,7 +393,7 @@ def load_vae(workdir: str, step: int | None = None) -> LatentAutoencoder:
                 f"Point --config.vae.workdir at a VAE run, made by\n    {make}")
         if not (meta.get("latent") or {}).get("scale_factor"):
             raise VAENotReadyError(f"The VAE checkpoint {step} in {workdir} has no latent scale factor; re-run\n    {make}")
-        config = config_lib.parse(meta["config"])
+        config = config_lib.parse(meta["config"], stored=True)
         vae = build_vae(config, meta["model"]["image_shape"])
         abstract = jax.eval_shape(vae.init_params, jax.random.key(0))
         # On this process's own first device: encoding and decoding are local computations.
