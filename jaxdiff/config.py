@@ -37,12 +37,9 @@ class ConfigError(ValueError):
     """A config key that does not exist, or a value of the wrong type or out of range."""
 
 
-def _off(sentinel):
-    """Field metadata: ``sentinel`` (``0`` or ``""``) in a config file means None."""
-    return {"off": sentinel}
-
-
 def _field(default=dataclasses.MISSING, *, off=dataclasses.MISSING, check=None, doc=""):
+    """A dataclass field whose metadata says how :func:`parse` reads it: ``off`` is the config files'
+    sentinel (``0`` or ``""``) for None, ``check(value) -> problem or None`` a range check."""
     meta = {"doc": doc}
     if off is not dataclasses.MISSING:
         meta["off"] = off
