@@ -47,7 +47,7 @@ def _train_step_ms(loaded, steps, batch_size=None):
         opt = make_optimizer(learning_rate=c.train.lr)
         state = create_train_state(run.params, opt)
         step = xla.jit(make_train_step(run.model.train_apply_fn(c.diffusion.p_uncond), opt, run.schedule,
-                                       prediction=run.model.prediction, ema_decay=c.train.ema_decay), donate_argnums=0)
+                                       ema_decay=c.train.ema_decay), donate_argnums=0)
         b = batch_size or c.train.batch_size
         rng = np.random.default_rng(0)
         batch = {"image": rng.standard_normal((b, *run.model.image_shape)).astype(np.float32),

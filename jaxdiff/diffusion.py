@@ -10,6 +10,7 @@ Every function is pure and works under ``jax.jit`` and ``jax.vmap``. Images are 
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Mapping
 
 import chex
@@ -25,6 +26,41 @@ PREDICTIONS = ("eps", "x0", "v")
 def _check_prediction(prediction: str) -> None:
     if prediction not in PREDICTIONS:
         raise ValueError(f"Unknown prediction type {prediction!r}; choose one of {PREDICTIONS}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Denoiser:
+    """A network function and the parameterisation of its output, bound once (the role of EDM's
+    ``Precond``): ``Denoiser(fn, "v")`` is called as ``fn`` is, and every consumer -- the loss
+    (:func:`diffusion_loss`), the bound (:func:`calc_bpd`), the samplers of :mod:`jaxdiff.sampling`
+    and classifier-free guidance -- reads ``prediction`` from it instead of taking it as an argument.
+    The model adapters of :mod:`jaxdiff.models` hand out their functions as Denoisers. Hashable
+    (``fn`` by identity), so it can be a static ``jit`` argument: build it once.
+
+    The pure functions still accept a plain function with an explicit ``prediction=`` (default
+    ``"eps"``); a Denoiser and a different explicit ``prediction`` is an error."""
+
+    fn: Callable[..., jax.Array]
+    prediction: str = "eps"
+
+    def __post_init__(self):
+        _check_prediction(self.prediction)
+
+    def __call__(self, *args, **kwargs) -> jax.Array:
+        return self.fn(*args, **kwargs)
+
+
+def resolve_prediction(fn: Callable, prediction: str | None) -> str:
+    """What ``fn`` predicts: a :class:`Denoiser`'s bound ``prediction`` (an explicit different one is an
+    error), else ``prediction`` (None: ``"eps"``)."""
+    if isinstance(fn, Denoiser):
+        if prediction is not None and prediction != fn.prediction:
+            raise ValueError(f"The model function is bound to prediction {fn.prediction!r}; got prediction="
+                             f"{prediction!r} as well: drop the argument.")
+        return fn.prediction
+    prediction = "eps" if prediction is None else prediction
+    _check_prediction(prediction)
+    return prediction
 
 
 # ------------------------------------------------------------------ eps / x0 / v conversions
@@ -233,7 +269,7 @@ def diffusion_loss(
     key: jax.Array,
     *,
     schedule: Schedule,
-    prediction: str = "eps",
+    prediction: str | None = None,
     min_snr_gamma: float | None = None,
 ):
     """The simple DDPM loss ``E_{t, eps} w(t) ||f(x_t, t) - target||^2`` (mean over pixels).
@@ -245,13 +281,14 @@ def diffusion_loss(
       params: the model parameters (what ``jax.grad`` differentiates).
       batch: ``{"image": [B, H, W, C] float32 in [-1, 1], ...}``.
       key: PRNG key; ``t`` and ``eps`` are drawn from it.
-      prediction: the model's target: ``"eps"``, ``"x0"`` or ``"v"``.
+      prediction: the model's target: ``"eps"``, ``"x0"`` or ``"v"`` (None: ``apply_fn``'s own when it
+        is a :class:`Denoiser`, else ``"eps"``).
       min_snr_gamma: optional min-SNR-gamma weighting (5.0 is the paper's choice).
 
     Returns:
       ``(loss, aux)``: scalar float32 loss and a dict of per-batch metrics (``mse``).
     """
-    _check_prediction(prediction)
+    prediction = resolve_prediction(apply_fn, prediction)
     x0 = batch["image"]
     chex.assert_rank(x0, {2, 3, 4, 5})
     B = x0.shape[0]
@@ -337,14 +374,15 @@ def calc_bpd(
     x0: jax.Array,
     key: jax.Array,
     *,
-    prediction: str = "eps",
+    prediction: str | None = None,
     variance: str = "fixed_small",
     clip_x0: float | None = None,
 ) -> dict:
     """The full variational bound on ``-log p(x_0)`` in bits/dim (Ho et al. eq. 5), one ``lax.scan``.
 
     Args:
-      model_fn: ``model_fn(x_t, t) -> prediction`` with ``t`` float32 ``[B]``.
+      model_fn: ``model_fn(x_t, t) -> prediction`` with ``t`` float32 ``[B]`` (a :class:`Denoiser`
+        carries its ``prediction``; otherwise pass ``prediction``, default ``"eps"``).
       x0: ``[B, ...]`` data in [-1, 1] on the 256-level grid (``(k / 255) * 2 - 1``).
       key: PRNG key for the per-timestep noise.
 
@@ -352,6 +390,7 @@ def calc_bpd(
       dict with ``total_bpd`` ``[B]``, ``prior_bpd`` ``[B]``, ``terms_bpd`` ``[B, T]`` and the
       per-timestep ``x0_mse`` / ``eps_mse`` ``[B, T]``.
     """
+    prediction = resolve_prediction(model_fn, prediction)
     B = x0.shape[0]
     T = schedule.num_timesteps
     x0 = x0.astype(jnp.float32)

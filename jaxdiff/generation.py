@@ -151,8 +151,7 @@ def _sample_in_batches(model, params, schedule, config, s: dict, key, num: int, 
     rows (the last image's conditioning, further noise rows) that are dropped afterwards. Noise rows
     do not depend on the padding, so the images are the same for any number of devices."""
     config = parse_config(config)
-    sample_kwargs = dict(method=s["method"], num_steps=int(s["num_steps"]), prediction=model.prediction,
-                         clip_x0=config.sample.clip_x0)
+    sample_kwargs = dict(method=s["method"], num_steps=int(s["num_steps"]), clip_x0=config.sample.clip_x0)
     if s["method"] == "ddim":
         sample_kwargs["eta"] = float(s["eta"])
     mesh = _mesh_of(params)

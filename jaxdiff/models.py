@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import xla
-from jaxdiff.diffusion import PREDICTIONS
+from jaxdiff.diffusion import PREDICTIONS, Denoiser
 from jaxdiff.images import to_uint8
 from jaxdiff.nn.unet import UNet
 from jaxdiff.nn.unet_cond import TextConditionedUNet
@@ -73,19 +73,20 @@ class DiffusionModel:
 
     # Sampling model functions: built once per model, so the samplers' jit cache (keyed on the
     # function) is hit on every call; params and labels come in as traced keyword arguments.
+    # Each is a :class:`jaxdiff.diffusion.Denoiser`: the function with this model's prediction type.
     @functools.cached_property
-    def label_model_fn(self):
+    def label_model_fn(self) -> Denoiser:
         def model_fn(x_t, t, labels=None, *, params):
             return self.apply(params, x_t, t, labels)
 
-        return model_fn
+        return Denoiser(model_fn, self.prediction)
 
     @functools.cached_property
-    def uncond_model_fn(self):
+    def uncond_model_fn(self) -> Denoiser:
         def model_fn(x_t, t, *, params):
             return self.apply(params, x_t, t)
 
-        return model_fn
+        return Denoiser(model_fn, self.prediction)
 
     def train_apply_fn(self, p_uncond: float = 0.0):
         """``apply_fn(params, x_t, t, batch, key)`` for :func:`jaxdiff.diffusion.diffusion_loss`.
@@ -103,7 +104,7 @@ class DiffusionModel:
                     labels = jnp.where(drop, self.num_classes, labels)
             return self.apply(params, x_t, t, labels, train=True, key=dropout_key)
 
-        return apply_fn
+        return Denoiser(apply_fn, self.prediction)
 
 
 @dataclasses.dataclass(eq=False)
@@ -164,7 +165,7 @@ class TextDiffusionModel(DiffusionModel):
             context, mask = cond
             return self.module.apply({"params": params}, x_t, t, context, mask, method=TextConditionedUNet.denoise)
 
-        return model_fn
+        return Denoiser(model_fn, self.prediction)
 
     def train_apply_fn(self, p_uncond: float = 0.0):
         """``apply_fn(params, x_t, t, batch, key)`` on ``batch['input_ids']``, ``batch['attention_mask']``;
@@ -179,7 +180,7 @@ class TextDiffusionModel(DiffusionModel):
                 ids, mask = jnp.where(drop, null_ids, ids), jnp.where(drop, null_mask, mask)
             return self.apply(params, x_t, t, ids, mask, train=True, key=dropout_key)
 
-        return apply_fn
+        return Denoiser(apply_fn, self.prediction)
 
 
 @dataclasses.dataclass(eq=False)
@@ -297,7 +298,7 @@ class PretrainedTextDiffusionModel(DiffusionModel):
             context, _ = cond
             return self.module.apply({"params": params["unet"]}, x_t, t, context)
 
-        return model_fn
+        return Denoiser(model_fn, self.prediction)
 
     def train_apply_fn(self, p_uncond: float = 0.0):
         """``apply_fn(params, x_t, t, batch, key, *, frozen)`` (trainable params; ``frozen`` from
@@ -313,7 +314,7 @@ class PretrainedTextDiffusionModel(DiffusionModel):
                 ids, mask = jnp.where(drop, null_ids, ids), jnp.where(drop, null_mask, mask)
             return self.apply(self.full_params(params, frozen), x_t, t, ids, mask, train=True, key=dropout_key)
 
-        return apply_fn
+        return Denoiser(apply_fn, self.prediction)
 
 
 @dataclasses.dataclass(eq=False)

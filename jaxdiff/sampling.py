@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import xla
-from jaxdiff.diffusion import PREDICTIONS, pred_to_x0_eps
+from jaxdiff.diffusion import Denoiser, pred_to_x0_eps, resolve_prediction
 from jaxdiff.schedules import TIMESTEP_SPACINGS, Schedule, sampling_grid
 
 METHODS = ("ddpm", "ddim", "dpmpp_2m", "euler", "heun", "euler_ancestral", "pndm")
@@ -247,8 +247,6 @@ def _loop(step, model_fn, x_T, consts, *, init_scale=1.0, key=None, prediction="
 
 # ----------------------------------------------------------------------------- validation
 def _check(schedule: Schedule, x_T, num_steps, prediction, spacing, method) -> tuple[np.ndarray, int]:
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"Unknown prediction type {prediction!r}; choose one of {PREDICTIONS}.")
     if spacing not in TIMESTEP_SPACINGS:
         raise ValueError(f"Unknown timestep_spacing {spacing!r}; choose one of {TIMESTEP_SPACINGS}.")
     if not hasattr(x_T, "dtype") or not jnp.issubdtype(x_T.dtype, jnp.floating):
@@ -268,7 +266,7 @@ def _need_key(key, method):
 
 # ----------------------------------------------------------------------------- samplers
 def sample_ddpm(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, *, num_steps: int, key: jax.Array,
-                prediction: str = "eps", timestep_spacing: str = "leading", steps_offset: int = 0,
+                prediction: str | None = None, timestep_spacing: str = "leading", steps_offset: int = 0,
                 variance: str = "fixed_small", clip_x0: float | None = None, dynamic_threshold=None,
                 extra_args: Mapping[str, Any] | None = None, return_trajectory: bool = False):
     """Ancestral sampling (Ho et al. 2020, Algorithm 2) on the timestep grid of ``num_steps``.
@@ -286,6 +284,7 @@ def sample_ddpm(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, *, num_st
       x_T: ``[B, ...]`` standard normal noise. Returns x_0 ``[B, ...]`` float32 (and the trajectory
         ``[num_steps, B, ...]`` of x after each step when ``return_trajectory``).
     """
+    prediction = resolve_prediction(model_fn, prediction)
     ab, _ = _check(schedule, x_T, num_steps, prediction, timestep_spacing, "ddpm")
     _need_key(key, "ddpm")
     if variance not in VARIANCES:
@@ -307,7 +306,7 @@ def sample_ddpm(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, *, num_st
 
 
 def sample_ddim(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, *, num_steps: int, key=None,
-                eta: float = 0.0, prediction: str = "eps", timestep_spacing: str = "leading", steps_offset: int = 0,
+                eta: float = 0.0, prediction: str | None = None, timestep_spacing: str = "leading", steps_offset: int = 0,
                 clip_x0: float | None = None, dynamic_threshold=None,
                 extra_args: Mapping[str, Any] | None = None, return_trajectory: bool = False,
                 final_alpha_cumprod: float | None = None):
@@ -322,6 +321,7 @@ def sample_ddim(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, *, num_st
     ``final_alpha_cumprod``: the alpha_bar the last step goes to; None = 1 (clean data). Stable
     Diffusion's scheduler configs say ``set_alpha_to_one=False``: pass ``alphas_cumprod[0]``.
     """
+    prediction = resolve_prediction(model_fn, prediction)
     ab, _ = _check(schedule, x_T, num_steps, prediction, timestep_spacing, "ddim")
     final = 1.0 if final_alpha_cumprod is None else float(final_alpha_cumprod)
     if not 0.0 < final <= 1.0:
@@ -344,7 +344,7 @@ def sample_ddim(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, *, num_st
 
 
 def sample_dpmpp_2m(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, *, num_steps: int,
-                    prediction: str = "eps", timestep_spacing: str = "linspace", steps_offset: int = 0,
+                    prediction: str | None = None, timestep_spacing: str = "linspace", steps_offset: int = 0,
                     use_karras_sigmas: bool = False, clip_x0: float | None = None, dynamic_threshold=None,
                     extra_args: Mapping[str, Any] | None = None, return_trajectory: bool = False, key=None):
     """DPM-Solver++(2M) as diffusers' ``DPMSolverMultistepScheduler`` (dpmsolver++, order 2, midpoint).
@@ -355,6 +355,7 @@ def sample_dpmpp_2m(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, *, nu
     the whole training range (spacing is ignored; ``sampling_grid(..., karras="training")``) and the
     model is called at the rounded timesteps.
     """
+    prediction = resolve_prediction(model_fn, prediction)
     ab, _ = _check(schedule, x_T, num_steps, prediction, timestep_spacing, "dpmpp_2m")
     # N integer timesteps; VE sigmas (ending with 0, clean data) from the table or Karras' levels
     t, ve_sigma = sampling_grid(ab, num_steps, timestep_spacing, steps_offset=steps_offset, integer=True,
@@ -377,7 +378,7 @@ def sample_dpmpp_2m(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, *, nu
 
 
 def sample_euler(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, *, num_steps: int,
-                 prediction: str = "eps", timestep_spacing: str = "linspace", steps_offset: int = 0,
+                 prediction: str | None = None, timestep_spacing: str = "linspace", steps_offset: int = 0,
                  use_karras_sigmas: bool = False, clip_x0: float | None = None, dynamic_threshold=None,
                  extra_args: Mapping[str, Any] | None = None, return_trajectory: bool = False, key=None):
     """Euler's method on the probability-flow ODE in VE-sigma space (Karras et al. 2022; diffusers'
@@ -387,6 +388,7 @@ def sample_euler(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, *, num_s
     Grid: ``sampling_grid`` with float timesteps; Karras levels span the spaced grid's own range
     (``karras="grid"``).
     """
+    prediction = resolve_prediction(model_fn, prediction)
     ab, _ = _check(schedule, x_T, num_steps, prediction, timestep_spacing, "euler")
     t, ve_sigma = sampling_grid(ab, num_steps, timestep_spacing, steps_offset=steps_offset,
                                 karras="grid" if use_karras_sigmas else None)
@@ -398,12 +400,13 @@ def sample_euler(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, *, num_s
 
 
 def sample_heun(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, *, num_steps: int,
-                prediction: str = "eps", timestep_spacing: str = "linspace", steps_offset: int = 0,
+                prediction: str | None = None, timestep_spacing: str = "linspace", steps_offset: int = 0,
                 use_karras_sigmas: bool = False, clip_x0: float | None = None, dynamic_threshold=None,
                 extra_args: Mapping[str, Any] | None = None, return_trajectory: bool = False, key=None):
     """Heun's second-order method (Karras et al. 2022, Algorithm 1; diffusers'
     ``HeunDiscreteScheduler``): 2 * num_steps - 1 model calls. Grid and scaling as :func:`sample_euler`.
     """
+    prediction = resolve_prediction(model_fn, prediction)
     ab, _ = _check(schedule, x_T, num_steps, prediction, timestep_spacing, "heun")
     t, ve_sigma = sampling_grid(ab, num_steps, timestep_spacing, steps_offset=steps_offset,
                                 karras="grid" if use_karras_sigmas else None)
@@ -415,7 +418,7 @@ def sample_heun(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, *, num_st
 
 
 def sample_euler_ancestral(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, *, num_steps: int,
-                           key: jax.Array, prediction: str = "eps", timestep_spacing: str = "linspace",
+                           key: jax.Array, prediction: str | None = None, timestep_spacing: str = "linspace",
                            steps_offset: int = 0, clip_x0: float | None = None, dynamic_threshold=None,
                            extra_args: Mapping[str, Any] | None = None, return_trajectory: bool = False):
     """Euler ancestral (diffusers' ``EulerAncestralDiscreteScheduler``, k-diffusion's
@@ -425,6 +428,7 @@ def sample_euler_ancestral(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array
     ``split(key, num_steps)[i]`` (the last step, to ve_sigma = 0, adds none). Grid and scaling of
     ``x_T`` as :func:`sample_euler`.
     """
+    prediction = resolve_prediction(model_fn, prediction)
     ab, _ = _check(schedule, x_T, num_steps, prediction, timestep_spacing, "euler_ancestral")
     _need_key(key, "euler_ancestral")
     t, ve = sampling_grid(ab, num_steps, timestep_spacing, steps_offset=steps_offset)
@@ -438,7 +442,7 @@ def sample_euler_ancestral(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array
 
 
 def sample_pndm(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, *, num_steps: int,
-                prediction: str = "eps", timestep_spacing: str = "leading", steps_offset: int = 0,
+                prediction: str | None = None, timestep_spacing: str = "leading", steps_offset: int = 0,
                 final_alpha_cumprod: float | None = None, extra_args: Mapping[str, Any] | None = None,
                 return_trajectory: bool = False, key=None, clip_x0=None, dynamic_threshold=None):
     """PNDM's pseudo linear multistep sampler (Liu et al. 2022) as diffusers' ``PNDMScheduler`` with
@@ -449,6 +453,7 @@ def sample_pndm(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, *, num_st
     Diffusion: ``alphas_cumprod[0]``). eps and v predictions (diffusers converts v after combining);
     no x0 clipping.
     """
+    prediction = resolve_prediction(model_fn, prediction)
     ab, T = _check(schedule, x_T, num_steps, prediction, timestep_spacing, "pndm")
     if prediction == "x0":
         raise ValueError("pndm takes eps or v predictions (as diffusers' PNDMScheduler), not x0.")
@@ -486,7 +491,7 @@ SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2
 
 
 def sample(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, *, method: str, num_steps: int,
-           key: jax.Array | None = None, prediction: str = "eps", timestep_spacing: str | None = None,
+           key: jax.Array | None = None, prediction: str | None = None, timestep_spacing: str | None = None,
            steps_offset: int = 0, eta: float = 0.0, variance: str = "fixed_small", use_karras_sigmas: bool = False,
            clip_x0: float | None = None, dynamic_threshold=None, extra_args: Mapping[str, Any] | None = None,
            return_trajectory: bool = False, final_alpha_cumprod: float | None = None):
@@ -500,7 +505,8 @@ def sample(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, *, method: str
         ``"euler_ancestral"``, ``"pndm"``.
       num_steps: sampling steps N, ``1 <= N <= T`` (model calls: N, heun 2N - 1).
       key: PRNG key, required by ddpm, euler_ancestral and ddim with ``eta > 0``; ignored otherwise.
-      prediction: what the model predicts: ``"eps"``, ``"x0"`` or ``"v"``.
+      prediction: what the model predicts: ``"eps"``, ``"x0"`` or ``"v"``; None: ``model_fn``'s own
+        when it is a :class:`jaxdiff.diffusion.Denoiser` (the model adapters' functions are), else ``"eps"``.
       timestep_spacing: ``"leading"``, ``"trailing"`` or ``"linspace"``; None takes diffusers' default
         for the method (``DEFAULT_SPACING``). ``steps_offset`` shifts ``"leading"`` grids.
       eta: DDIM stochasticity (ddim only). variance: ``"fixed_small"``/``"fixed_large"`` (ddpm only).
@@ -551,7 +557,8 @@ def cfg_model_fn(cond_fn: Callable[..., jax.Array]) -> ModelFn:
     returns ``pred_u + w (pred_c - pred_u)``. Pass ``cond``, ``null_cond``, ``guidance_scale`` (and
     e.g. params) through ``sample(..., extra_args=...)`` so that they are traced: a new guidance scale
     or new labels do not recompile. Cached per ``cond_fn``, so repeated calls return the same
-    function (and hit the same compiled sampler).
+    function (and hit the same compiled sampler). A :class:`~jaxdiff.diffusion.Denoiser` gives a
+    Denoiser of the same ``prediction`` (guidance is linear in eps, x0 and v alike).
     """
 
     def guided(x_t, t, *, cond, null_cond, guidance_scale, **kwargs):
@@ -564,4 +571,4 @@ def cfg_model_fn(cond_fn: Callable[..., jax.Array]) -> ModelFn:
         pred_c, pred_u = jnp.split(pred, 2, axis=0)
         return pred_u + guidance_scale * (pred_c - pred_u)
 
-    return guided
+    return Denoiser(guided, cond_fn.prediction) if isinstance(cond_fn, Denoiser) else guided

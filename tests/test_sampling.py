@@ -529,3 +529,64 @@ def test_pndm_matches_diffusers(spacing, num_steps, prediction, offset, alpha_to
     with pytest.raises(ValueError, match="pndm takes eps or v predictions"):
         sampling.sample(jax_model, SCHEDULES["scaled_linear"], jnp.asarray(x_T), method="pndm", num_steps=3,
                         prediction="x0")
+
+
+# ----------------------------------------------------------------------------- the bound parameterisation
+def _toy_model(x, t, *, scale):
+    """A smooth stand-in for a network: some function of x and t, the same whatever it is read as."""
+    return jnp.tanh(x * scale) * (1.0 + t[:, None, None, None] / T)
+
+
+@pytest.mark.parametrize("method", ["ddpm", "ddim", "dpmpp_2m", "euler", "pndm"])
+def test_a_denoiser_brings_its_prediction_type(method):
+    """sample(Denoiser(f, p)) is sample(f, prediction=p), bit for bit; a different explicit prediction
+    is refused; CFG of a Denoiser is a Denoiser of the same type."""
+    from jaxdiff.diffusion import Denoiser
+
+    s = SCHEDULES["linear"]
+    x_T = jax.random.normal(jax.random.key(0), SHAPE)
+    kw = dict(method=method, num_steps=6, key=jax.random.key(1), extra_args={"scale": np.float32(0.7)})
+    bound = Denoiser(_toy_model, "v")
+    np.testing.assert_array_equal(np.asarray(sampling.sample(bound, s, x_T, **kw)),
+                                  np.asarray(sampling.sample(_toy_model, s, x_T, prediction="v", **kw)))
+    assert not np.array_equal(np.asarray(sampling.sample(bound, s, x_T, **kw)),
+                              np.asarray(sampling.sample(_toy_model, s, x_T, **kw)))  # eps by default: differs
+    np.testing.assert_array_equal(np.asarray(sampling.sample(bound, s, x_T, prediction="v", **kw)),
+                                  np.asarray(sampling.sample(bound, s, x_T, **kw)))
+    with pytest.raises(ValueError, match="bound to prediction 'v'; got prediction='eps'"):
+        sampling.sample(bound, s, x_T, prediction="eps", **kw)
+    guided = sampling.cfg_model_fn(Denoiser(lambda x, t, c, *, scale: _toy_model(x, t, scale=scale) * c[:, None, None, None], "x0"))
+    assert isinstance(guided, Denoiser) and guided.prediction == "x0"
+
+
+def test_loss_and_train_step_read_the_bound_prediction():
+    from jaxdiff import diffusion
+    from jaxdiff.models import DiffusionModel
+    from jaxdiff.train.step import create_train_state, make_optimizer, make_train_step
+
+    s = SCHEDULES["linear"]
+
+    def apply_fn(params, x_t, t, batch, key):
+        return jnp.tanh(x_t * params["w"]) + params["b"]
+
+    params = {"w": jnp.float32(0.5), "b": jnp.zeros(SHAPE[1:], jnp.float32)}
+    batch = {"image": jax.random.uniform(jax.random.key(2), SHAPE, minval=-1, maxval=1)}
+    key = jax.random.key(3)
+    for p in ("eps", "x0", "v"):
+        want = diffusion.diffusion_loss(apply_fn, params, batch, key, schedule=s, prediction=p)[0]
+        got = diffusion.diffusion_loss(diffusion.Denoiser(apply_fn, p), params, batch, key, schedule=s)[0]
+        assert float(got) == float(want)
+    opt = make_optimizer(learning_rate=1e-2)
+    state = create_train_state(params, opt)
+    a = make_train_step(diffusion.Denoiser(apply_fn, "v"), opt, s)(state, batch)[0]
+    b = make_train_step(apply_fn, opt, s, prediction="v")(state, batch)[0]
+    jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
+    # The adapters hand out Denoisers of their own type and refuse an unknown one.
+    from jaxdiff.nn.unet import UNet
+
+    unet = UNet(ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), num_groups=4)
+    m = DiffusionModel(unet, (8, 8, 3), num_classes=10, prediction="v")
+    assert (m.label_model_fn.prediction, m.uncond_model_fn.prediction, m.train_apply_fn().prediction) == ("v",) * 3
+    assert m.label_model_fn is m.label_model_fn  # one object: the samplers' compile cache hits
+    with pytest.raises(ValueError, match="diffusion.prediction must be one of"):
+        DiffusionModel(unet, (8, 8, 3), prediction="epsilon")

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from jaxdiff import parallel, xla
 from jaxdiff.data import ImageDataset
-from jaxdiff.diffusion import calc_bpd
+from jaxdiff.diffusion import Denoiser, calc_bpd
 
 
 @functools.lru_cache(maxsize=8)
@@ -35,7 +35,7 @@ def _bpd_fn(model):
         def model_fn(x_t, t):
             return model.apply(params, x_t, t, labels)
 
-        out = calc_bpd(model_fn, schedule, x0, key, prediction=model.prediction)
+        out = calc_bpd(Denoiser(model_fn, model.prediction), schedule, x0, key)
         return {k: out[k] for k in ("total_bpd", "prior_bpd", "terms_bpd")}
 
     return xla.jit(fn)

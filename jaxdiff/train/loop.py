@@ -262,7 +262,6 @@ def _train_diffusion(config: Config, workdir: str, mesh) -> dict:
         model.train_apply_fn(p_uncond=config.diffusion.p_uncond),
         optimizer,
         schedule,
-        prediction=model.prediction,
         min_snr_gamma=config.diffusion.min_snr_gamma,
         ema_decay=tc.ema_decay,
         seed=config.seed,

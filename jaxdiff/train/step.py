@@ -91,14 +91,16 @@ def make_train_step(
     optimizer: optax.GradientTransformation,
     schedule: Schedule,
     *,
-    prediction: str = "eps",
+    prediction: str | None = None,
     min_snr_gamma: float | None = None,
     ema_decay: float = 0.9999,
     seed: int = 0,
 ) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict]]:
     """Build ``train_step(state, batch) -> (state, metrics)``, a pure function to ``jax.jit``.
 
-    ``apply_fn(params, x_t, t, batch, key)`` is the model (see :func:`jaxdiff.diffusion.diffusion_loss`).
+    ``apply_fn(params, x_t, t, batch, key)`` is the model (see :func:`jaxdiff.diffusion.diffusion_loss`); a
+    :class:`jaxdiff.diffusion.Denoiser` (what the model adapters' ``train_apply_fn`` return) brings its
+    prediction type, otherwise ``prediction`` names it (default ``"eps"``).
     The step's key is ``fold_in(key(seed), state.step)``. A non-finite loss or gradient leaves the
     whole state unchanged (``step`` included) and sets ``metrics['finite']`` to False, so the host
     loop can stop with the last good state.
@@ -109,6 +111,7 @@ def make_train_step(
     (never baked in as constants), outside the state: no gradient, optimizer state, EMA or checkpoint.
     """
     base_key = jax.random.key(seed)
+    prediction = diffusion.resolve_prediction(apply_fn, prediction)
 
     def loss_fn(params, batch, key, frozen):
         fn = apply_fn if frozen is None else functools.partial(apply_fn, frozen=frozen)
