@@ -246,9 +246,9 @@ class Config:
 
     @property
     def latent(self) -> bool:
-        """True when the model works on the latents of a VAE run (``vae.workdir``) or of a SD folder."""
-        return self.task in ("latent", "finetune") or (self.task == "text" and self.vae is not None
-                                                       and bool(self.vae.workdir))
+        """True when the model works on the latents of a trained VAE run (``vae.workdir``): task
+        ``latent``, or ``text`` with a VAE run. (A ``finetune`` works on its folder's own VAE latents.)"""
+        return self.task == "latent" or (self.task == "text" and self.vae is not None and bool(self.vae.workdir))
 
     @property
     def sample_steps(self) -> int:

@@ -62,6 +62,7 @@ def test_sentinels_become_none_and_absent_keys_take_the_defaults():
     ldm = C.parse(ldm_digits.get_config())
     assert ldm.vae.step is None and ldm.vae.workdir == "runs/vae_digits" and ldm.latent
     assert C.parse(sd_finetune.get_config()).model.lora_alpha == 4.0
+    assert not C.parse(sd_finetune.get_config()).latent  # its latents come from the folder's own VAE
 
 
 def _error(raw) -> str:

@@ -46,8 +46,7 @@ from jaxdiff.train.checkpoint import CheckpointError, Checkpointer
 def is_latent(config: Config) -> bool:
     """True for a latent diffusion config trained on a VAE run's latents (``config.vae.workdir``);
     a fine-tune works on its folder's VAE latents (:func:`is_pretrained`)."""
-    config = config_lib.parse(config)
-    return config.latent and config.task != "finetune"
+    return config_lib.parse(config).latent
 
 
 def make_dataset(config: Config, split: str = "train", *, vae_step: int | None = None,
@@ -273,15 +272,16 @@ def run_metadata(config: Config, dataset: ImageDataset, model: DiffusionModel) -
     A latent model adds ``vae``: the VAE run's absolute ``workdir``, its checkpoint ``step`` and the
     ``scale_factor`` the latents were multiplied by."""
     config = config_lib.parse(config)
+    plain = json.loads(json.dumps(config_lib.to_dict(config)))  # JSON types: tuples become lists
     meta = {
         "task": "diffusion",
-        "config": json.loads(json.dumps(config_lib.to_dict(config))),
+        "config": plain,
         # What fixes the parameter layout (compute dtype, remat and dropout may change on resume).
         "model": json.loads(json.dumps({
             "image_shape": list(model.image_shape),
             "num_classes": model.num_classes,
-            "arch": config_lib.model_arch(config_lib.to_dict(config)["model"]),
-            **({"text": config_lib.to_dict(config)["text"]} if config.text is not None else {}),
+            "arch": config_lib.model_arch(plain["model"]),
+            **({"text": plain["text"]} if config.text is not None else {}),
         })),
         "dataset": {"name": dataset.name, "num_examples": dataset.num_examples,
                     **({"class_names": dataset.class_names} if getattr(dataset, "class_names", None) else {})},
@@ -342,10 +342,11 @@ def vae_run_metadata(config: Config, dataset: ImageDataset, vae: VAEModel,
                      disc: PatchDiscriminator | None) -> dict:
     """JSON-able facts stored with every VAE checkpoint; each checkpoint adds its ``latent`` stats."""
     config = config_lib.parse(config)
-    arch = config_lib.model_arch(config_lib.to_dict(config)["model"])
+    plain = json.loads(json.dumps(config_lib.to_dict(config)))  # JSON types: tuples become lists
+    arch = config_lib.model_arch(plain["model"])
     return {
         "task": "vae",
-        "config": json.loads(json.dumps(config_lib.to_dict(config))),
+        "config": plain,
         "model": json.loads(json.dumps({
             "image_shape": list(vae.image_shape),
             "latent_shape": list(vae.latent_shape),
