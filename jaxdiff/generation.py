@@ -201,12 +201,9 @@ def generate_sd(sd: "text_to_image.StableDiffusion", prompts: str | Sequence[str
     the last batch is padded with its last prompt (one compiled shape for every batch) and the padding
     dropped. ``kwargs`` go to ``text_to_image`` (``num_steps``, ``guidance_scale``, ``method``,
     ``negative_prompt``, ``height``, ``width``). Pixels are rounded as diffusers' ``numpy_to_pil``."""
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if not prompts:
-        raise ValueError("Give at least one prompt.")
     if not isinstance(num, (int, np.integer)) or num < 1:
         raise ValueError(f"num must be an int >= 1, got {num!r}.")
-    per_image = cycle_prompts(prompts, num)
+    per_image = cycle_prompts(prompts, num)  # raises for no prompt
 
     def run_batch(batch_key, idx, n):
         x = text_to_image.text_to_image(sd, [per_image[j] for j in idx], key=batch_key, **kwargs)

@@ -555,8 +555,12 @@ def test_a_denoiser_brings_its_prediction_type(method):
                                   np.asarray(sampling.sample(bound, s, x_T, **kw)))
     with pytest.raises(ValueError, match="bound to prediction 'v'; got prediction='eps'"):
         sampling.sample(bound, s, x_T, prediction="eps", **kw)
-    guided = sampling.cfg_model_fn(Denoiser(lambda x, t, c, *, scale: _toy_model(x, t, scale=scale) * c[:, None, None, None], "x0"))
+    def cond_fn(x, t, c, *, scale):
+        return _toy_model(x, t, scale=scale) * c[:, None, None, None]
+
+    guided = sampling.cfg_model_fn(Denoiser(cond_fn, "x0"))
     assert isinstance(guided, Denoiser) and guided.prediction == "x0"
+    assert sampling.cfg_model_fn(cond_fn) is not guided and not isinstance(sampling.cfg_model_fn(cond_fn), Denoiser)
 
 
 def test_loss_and_train_step_read_the_bound_prediction():

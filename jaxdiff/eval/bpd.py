@@ -56,8 +56,8 @@ def dataset_bpd(run, *, split: str = "test", batch_size: int = 100, key: Optiona
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
     d = config.data
-    ds = ImageDataset(d.name, split, batch_size=1, image_size=d.image_size, data_dir=data_dir or d.data_dir, drop_labels=not model.conditional,
-                      cache_in_memory=False)
+    ds = ImageDataset(d.name, split, batch_size=1, image_size=d.image_size, data_dir=data_dir or d.data_dir,
+                      drop_labels=not model.conditional, cache_in_memory=False)
     key = jax.random.key(0) if key is None else key
     sharding = jax.tree.leaves(run.params)[0].sharding
     mesh = sharding.mesh if isinstance(sharding, jax.sharding.NamedSharding) else None
